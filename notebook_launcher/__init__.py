@@ -1,0 +1,32 @@
+"""notebook_launcher: multi-GPU / multi-CPU PyTorch training from a Jupyter cell.
+
+Public API:
+
+- `notebook_launcher(function, args=(), num_processes=None, ...)`: run ``function`` in
+  one worker per GPU (or 2 CPU workers), with the process group ready, and return rank
+  0's result. Drop-in for HF accelerate's ``notebook_launcher``.
+- `report(step=None, **metrics)` and `progress(iterable)`: called inside the function,
+  they feed the live dashboard; outside a worker they are harmless no-ops.
+- `WorkerError`: raised in the cell when a worker fails; names the rank that failed
+  first and carries its traceback. A subclass of torch's ``ChildFailedError``.
+- `LaunchConfigError`: bad arguments, raised before any process starts.
+
+Example::
+
+    import torch, torch.distributed as dist
+    from notebook_launcher import notebook_launcher
+
+    def train(scale):
+        t = torch.ones(1) * scale * (dist.get_rank() + 1)
+        dist.all_reduce(t)
+        return t.item()
+
+    notebook_launcher(train, args=(10,), num_processes=2)   # 30.0
+"""
+
+from .api import notebook_launcher
+from .errors import LaunchConfigError, WorkerError
+from .reporting import progress, report
+
+__all__ = ["notebook_launcher", "report", "progress", "WorkerError", "LaunchConfigError"]
+__version__ = "0.1.0"

@@ -1,0 +1,111 @@
+"""The public entry point. Thin: check the arguments, then run attempts."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional
+
+from .config import resolve
+from .errors import WorkerError
+from .launcher import run_attempt
+from .ui import make_view
+
+
+def notebook_launcher(
+    function: Callable,
+    args: tuple = (),
+    num_processes: Optional[int] = None,
+    mixed_precision: str = "no",
+    use_port: Optional[int] = None,
+    master_addr: str = "127.0.0.1",
+    node_rank: int = 0,
+    num_nodes: int = 1,
+    rdzv_backend: str = "static",
+    rdzv_endpoint: str = "",
+    rdzv_conf: Optional[dict] = None,
+    rdzv_id: str = "none",
+    max_restarts: int = 0,
+    monitor_interval: float = 0.1,
+    log_line_prefix_template: Optional[str] = None,
+    *,
+    kwargs: Optional[dict] = None,
+    start_method: str = "auto",
+    backend: str = "auto",
+    device: str = "auto",
+    return_all: bool = False,
+    display: str = "auto",
+) -> Any:
+    """Run ``function(*args, **kwargs)`` in ``num_processes`` workers wired into one
+    ``torch.distributed`` job, and return rank 0's return value.
+
+    The positional parameters are those of HF accelerate's ``notebook_launcher``, with
+    the same meaning, so swapping the import is enough. The default process group (nccl
+    on GPUs, gloo on CPU) is ready when ``function`` starts; RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT and the rest of torchrun's variables are set.
+
+    Args:
+        function: the training function. Defined in the notebook is fine.
+        args, kwargs: its arguments.
+        num_processes: workers on this machine. None: one per visible GPU, or 2 on CPU.
+        mixed_precision: "no" | "fp16" | "bf16", used by `Accelerator` (ours or HF's)
+            inside the workers.
+        use_port: rendezvous port. None: a free port chosen by the system.
+        master_addr, node_rank, num_nodes: where node 0 is, and which node this is.
+        max_restarts: restart every worker up to this many times after a failure.
+        monitor_interval: seconds between checks of the workers when nothing happens.
+        log_line_prefix_template: prefix of each output line, e.g. "[${rank}]: ".
+        start_method: "auto" (fork, or spawn when CUDA is already initialized here),
+            "fork" or "spawn".
+        backend: "auto", "gloo", "nccl", ...
+        device: "auto", "cpu" or "cuda".
+        return_all: return a list with every rank's value, indexed by rank.
+        display: "auto" | "widgets" | "text" | "none".
+
+    Raises:
+        WorkerError: a worker failed. ``.rank`` is the rank that failed first,
+            ``.remote_traceback`` its traceback, ``__cause__`` its exception. It is a
+            ``torch.distributed.elastic...ChildFailedError``, as accelerate's launcher raises.
+        LaunchConfigError: bad arguments; raised before any process starts.
+        KeyboardInterrupt: you interrupted the kernel; every worker is already gone.
+
+    Example::
+
+        import torch.distributed as dist
+        from notebook_launcher import notebook_launcher
+
+        def total(x):
+            t = torch.tensor([x * (dist.get_rank() + 1)])
+            dist.all_reduce(t)
+            return t.item()
+
+        notebook_launcher(total, args=(10,), num_processes=2)   # -> 30
+    """
+    del rdzv_endpoint, rdzv_conf, rdzv_id  # accepted for accelerate compatibility; static rendezvous
+    config = resolve(
+        function, args, kwargs, num_processes, mixed_precision, use_port, master_addr, node_rank,
+        num_nodes, rdzv_backend, max_restarts, monitor_interval, log_line_prefix_template,
+        start_method, backend, device, return_all, display,
+    )
+    if config.start_method_reason:
+        print(config.start_method_reason, file=sys.stderr)
+    if config.display != "none":
+        print(_banner(config))
+    attempt = 0
+    while True:
+        view = make_view(config.display, config.line_prefix)
+        try:
+            return run_attempt(config, view, attempt)
+        except WorkerError as error:
+            if attempt >= config.max_restarts:
+                raise
+            attempt += 1
+            print(f"rank {error.rank} failed ({error.root.summary()}); restart {attempt} of "
+                  f"{config.max_restarts}", file=sys.stderr)
+
+
+def _banner(config) -> str:
+    what = f"{config.nproc} GPU{'s' if config.nproc != 1 else ''}" if config.device_type == "cuda" \
+        else f"{config.nproc} CPU process{'es' if config.nproc != 1 else ''}"
+    nodes = f" on node {config.node_rank} of {config.num_nodes}" if config.num_nodes > 1 else ""
+    precision = f", {config.mixed_precision}" if config.mixed_precision != "no" else ""
+    return f"Launching on {what}{nodes} ({config.backend}, {config.start_method}{precision})"

@@ -1,0 +1,233 @@
+"""Checking and resolving what the user asked for, before any process starts.
+
+`resolve` turns the arguments of `notebook_launcher` into a `LaunchConfig` (plain,
+validated data with every "auto" decided), or raises `LaunchConfigError` with a message
+that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import environment
+from .errors import LaunchConfigError
+from .serialization import unsendable_reason
+from .workers import context
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+START_METHODS = ("auto", "fork", "spawn")
+DEVICES = ("auto", "cpu", "cuda")
+RDZV_BACKENDS = ("static", "c10d")
+ON_STALL = ("raise", "warn")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    function: Callable
+    args: tuple
+    kwargs: dict
+    nproc: int                  # workers on this machine
+    num_nodes: int
+    node_rank: int
+    device_type: str            # "cpu" | "cuda"
+    backend: str                # "gloo" | "nccl" | ...
+    start_method: str           # "fork" | "spawn"
+    start_method_reason: str    # why, when it was not what the user asked for
+    mixed_precision: str
+    master_addr: str
+    port: Optional[int]
+    max_restarts: int
+    return_all: bool
+    display: str
+    tick: float
+    line_prefix: str            # string.Template with ${rank}, ${local_rank}, ${role_name}
+    num_threads: int
+    environment: environment.Environment = field(repr=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.num_nodes
+
+    @property
+    def first_rank(self) -> int:
+        return self.node_rank * self.nproc
+
+
+def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixed_precision: Any,
+            use_port: Any, master_addr: Any, node_rank: Any, num_nodes: Any, rdzv_backend: Any,
+            max_restarts: Any, monitor_interval: Any, log_line_prefix_template: Any,
+            start_method: Any, backend: Any, device: Any, return_all: bool, display: str) -> LaunchConfig:
+    if context.current() is not None:
+        raise LaunchConfigError(
+            "notebook_launcher was called from inside a launched worker. Call it from the "
+            "notebook (or script) itself; inside the function you are already distributed."
+        )
+    if not callable(function):
+        raise LaunchConfigError(f"function must be callable, got {type(function).__name__}: pass the function itself, not its result.")
+    if not isinstance(args, (tuple, list)):
+        raise LaunchConfigError(
+            f"args must be a tuple or list of positional arguments, got {type(args).__name__}. "
+            f"For one argument write args=(value,)."
+        )
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise LaunchConfigError(f"kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}.")
+    mixed_precision = _choice("mixed_precision", str(mixed_precision).lower(), MIXED_PRECISION)
+    start_method = _choice("start_method", start_method, START_METHODS)
+    device = _choice("device", device, DEVICES)
+    _choice("rdzv_backend", rdzv_backend, RDZV_BACKENDS)
+    from .ui import DISPLAYS
+
+    display = _choice("display", display, DISPLAYS)
+    num_nodes = _positive_int("num_nodes", num_nodes)
+    node_rank = _int("node_rank", node_rank)
+    if not 0 <= node_rank < num_nodes:
+        raise LaunchConfigError(f"node_rank={node_rank} must be between 0 and num_nodes-1={num_nodes - 1}.")
+    max_restarts = _int("max_restarts", max_restarts)
+    if max_restarts < 0:
+        raise LaunchConfigError(f"max_restarts must be 0 or more, got {max_restarts}.")
+    port = _port(use_port, num_nodes)
+
+    env = environment.detect()
+    device_type = _device_type(device, env)
+    nproc = _nproc(num_processes, device_type, env)
+    backend = _backend(backend, device_type)
+    if mixed_precision == "fp16" and device_type == "cpu":
+        pass  # CPU autocast supports fp16 since torch 2.3; the toolkit checks the op coverage
+    method, reason = _start_method(start_method, env, device_type)
+    args, kwargs = tuple(args), dict(kwargs or {})
+    if method == "spawn":
+        _check_sendable(function, args, kwargs)
+    return LaunchConfig(
+        function=function, args=args, kwargs=kwargs, nproc=nproc, num_nodes=num_nodes,
+        node_rank=node_rank, device_type=device_type, backend=backend, start_method=method,
+        start_method_reason=reason, mixed_precision=mixed_precision,
+        master_addr=str(master_addr), port=port, max_restarts=max_restarts,
+        return_all=bool(return_all), display=display, tick=_tick(monitor_interval),
+        line_prefix=log_line_prefix_template or "[rank${rank}]: ",
+        num_threads=_threads_per_worker(env, nproc), environment=env,
+    )
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> str:
+    if value not in allowed:
+        raise LaunchConfigError(f"unknown {name}={value!r}: choose one of {', '.join(map(repr, allowed))}.")
+    return value
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+        except ValueError:
+            pass
+        raise LaunchConfigError(f"{name} must be a whole number, got {value!r}.")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    value = _int(name, value)
+    if value < 1:
+        raise LaunchConfigError(f"{name} must be at least 1, got {value}.")
+    return value
+
+
+def _port(use_port: Any, num_nodes: int) -> Optional[int]:
+    if use_port in (None, "", 0, "0"):
+        if num_nodes > 1:
+            raise LaunchConfigError(
+                "a job over several machines needs a fixed rendezvous port that every node knows: "
+                "pass use_port=29500 (or any free port) to every node's call."
+            )
+        return None
+    port = _int("use_port", use_port)
+    if not 0 < port < 65536:
+        raise LaunchConfigError(f"use_port must be between 1 and 65535, got {port}.")
+    return port
+
+
+def _device_type(device: str, env: environment.Environment) -> str:
+    if device == "cuda" and not env.has_gpus:
+        raise LaunchConfigError("device='cuda' was asked for, but no CUDA GPU is visible to this process.")
+    if device == "auto":
+        return "cuda" if env.has_gpus else "cpu"
+    return device
+
+
+def _nproc(num_processes: Any, device_type: str, env: environment.Environment) -> int:
+    if num_processes is None:
+        return env.gpu_count if device_type == "cuda" else 2
+    nproc = _positive_int("num_processes", num_processes)
+    if device_type == "cuda" and nproc > env.gpu_count:
+        raise LaunchConfigError(
+            f"num_processes={nproc}, but this machine has {env.gpu_count} visible GPU"
+            f"{'s' if env.gpu_count != 1 else ''}: one worker per GPU. Use num_processes<={env.gpu_count}, "
+            f"or device='cpu' for CPU workers."
+        )
+    return nproc
+
+
+def _backend(backend: Any, device_type: str) -> str:
+    if backend in (None, "auto"):
+        return "nccl" if device_type == "cuda" else "gloo"
+    if not isinstance(backend, str):
+        raise LaunchConfigError(f"backend must be a string such as 'gloo' or 'nccl', got {backend!r}.")
+    if "nccl" in backend and device_type != "cuda":
+        raise LaunchConfigError("backend='nccl' needs CUDA GPUs; on CPU use backend='gloo' (or 'auto').")
+    return backend
+
+
+def _start_method(asked: str, env: environment.Environment, device_type: str) -> tuple[str, str]:
+    can_fork = sys.platform.startswith("linux") or sys.platform == "darwin" and device_type == "cpu"
+    if asked == "fork":
+        if not can_fork:
+            raise LaunchConfigError(f"start_method='fork' is not available on {sys.platform}; use 'spawn'.")
+        if env.cuda_initialized and device_type == "cuda":
+            raise LaunchConfigError(
+                "CUDA is already initialized in this kernel, so forked workers could not use the GPU. "
+                "Use start_method='spawn' (or 'auto'), or restart the kernel and keep CUDA calls "
+                "inside the launched function."
+            )
+        return "fork", ""
+    if asked == "spawn":
+        return "spawn", ""
+    if env.cuda_initialized:
+        return "spawn", (
+            "CUDA is already initialized in this kernel, so workers start with spawn instead of "
+            "fork (a few seconds slower; the function and its arguments travel with dill)."
+        )
+    if not can_fork:
+        return "spawn", ""
+    return "fork", ""
+
+
+def _check_sendable(function: Callable, args: tuple, kwargs: dict) -> None:
+    named = [("function", function)]
+    named += [(f"args[{i}]", value) for i, value in enumerate(args)]
+    named += [(f"kwargs[{key!r}]", value) for key, value in kwargs.items()]
+    for name, value in named:
+        reason = unsendable_reason(value)
+        if reason is not None:
+            raise LaunchConfigError(
+                f"{name} ({type(value).__name__}) cannot be sent to spawned workers: {reason}. "
+                "Create it inside the function instead (open files, sockets, locks, generators "
+                "and CUDA handles cannot be copied to another process)."
+            )
+
+
+def _tick(monitor_interval: Any) -> float:
+    try:
+        value = float(monitor_interval)
+    except (TypeError, ValueError):
+        raise LaunchConfigError(f"monitor_interval must be a number of seconds, got {monitor_interval!r}.") from None
+    return min(max(value, 0.01), 5.0)
+
+
+def _threads_per_worker(env: environment.Environment, nproc: int) -> int:
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return max(1, env.cpu_count // nproc)

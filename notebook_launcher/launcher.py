@@ -1,0 +1,153 @@
+"""One launch attempt: rendezvous, workers, supervision, teardown.
+
+`run_attempt` is the only place that starts and stops workers, and its ``finally``
+clause is the only teardown path: success, failure, Interrupt or a bug of ours all go
+through it, so no worker and no store outlives the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from . import rendezvous
+from .config import LaunchConfig
+from .errors import WorkerError
+from .monitor import Supervisor
+from .serialization import dumps_task, loads_result
+from .state import Finished, RunState
+from .ui.base import View
+from .workers.bootstrap import InheritedFds, Task, WorkerSpec
+from .workers.processes import WorkerHandle, start_workers, stop_workers
+
+TEARDOWN_GRACE = 1.0   # seconds between SIGTERM and SIGKILL
+ROOT_EXIT_WAIT = 0.5   # let a rank that reported an error exit by itself, for its real exit code
+
+
+def run_attempt(config: LaunchConfig, view: View, attempt: int) -> Any:
+    """Run the function once on every local rank; return rank 0's value (or all of them)."""
+    state = RunState(
+        world_size=config.world_size,
+        local_ranks=list(range(config.first_rank, config.first_rank + config.nproc)),
+        backend=config.backend, device=config.device_type, start_method=config.start_method,
+        attempt=attempt,
+    )
+    rdzv = None
+    handles: list[WorkerHandle] = []
+    status, failure = "failed", None
+    try:
+        rdzv = rendezvous.host_store(
+            config.master_addr, config.world_size, port=config.port,
+            bind_all=config.num_nodes > 1, restart_count=attempt,
+        ) if config.node_rank == 0 else _remote_rendezvous(config, attempt)
+        handles = start_workers(config.start_method, _spec_factory(config, rdzv), config.nproc)
+        expect = set(state.local_ranks) if config.return_all else {0} & set(state.local_ranks)
+        outcome = Supervisor(handles, state, view, expect, tick=config.tick).run()
+        if outcome.root is not None:
+            failure = outcome.root
+            _wait_for_exit([h for h in handles if h.rank == failure.rank], ROOT_EXIT_WAIT)
+            _fill_exitcodes(outcome.failures, handles)
+            raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root],
+                              attempt=attempt) from outcome.root.exception
+        status = "succeeded"
+        return _collect(config, state, outcome.results)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        with _interrupts_deferred():
+            stop_workers(handles, grace=TEARDOWN_GRACE)
+            for handle in handles:
+                handle.close_all()
+            if rdzv is not None:
+                rdzv.close()
+            state.apply(Finished(status, time.monotonic(), failure))
+            view.finish(state)
+
+
+def _remote_rendezvous(config: LaunchConfig, attempt: int) -> rendezvous.Rendezvous:
+    # Nodes other than 0 host nothing: their workers connect to node 0's store.
+    return rendezvous.Rendezvous(config.master_addr, config.port, config.world_size,
+                                 run_id="static", restart_count=attempt)
+
+
+def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous):
+    task = Task(config.function, config.args, config.kwargs)
+    spawn = config.start_method == "spawn"
+    task_blob = dumps_task(task) if spawn else None
+    sources = _notebook_sources() if spawn else {}
+    common_env = {
+        "OMP_NUM_THREADS": str(config.num_threads),
+        "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
+        "NOTEBOOK_LAUNCHER_MIXED_PRECISION": config.mixed_precision,
+    }
+    if config.device_type == "cpu":
+        common_env["ACCELERATE_USE_CPU"] = "true"  # HF accelerate then sees MULTI_CPU, not one process
+
+    def make_spec(local_rank: int, fds: InheritedFds, close_fds: tuple) -> WorkerSpec:
+        rank = config.first_rank + local_rank
+        env = dict(common_env)
+        env.update(rdzv.worker_env(rank, local_rank, config.nproc, config.node_rank))
+        return WorkerSpec(
+            rank=rank, local_rank=local_rank, world_size=config.world_size,
+            local_world_size=config.nproc, backend=config.backend,
+            device=f"cuda:{local_rank}" if config.device_type == "cuda" else "cpu",
+            mixed_precision=config.mixed_precision, restart_count=rdzv.restart_count,
+            num_threads=config.num_threads, env=env, fds=fds, parent_pid=os.getpid(),
+            send_result=config.return_all or rank == 0, close_fds=() if spawn else close_fds,
+            task=None if spawn else task, task_blob=task_blob, notebook_sources=sources,
+        )
+
+    return make_spec
+
+
+def _notebook_sources() -> dict:
+    # Cells registered by IPython have no file on disk (mtime None); a spawned worker
+    # needs them to show the notebook's own lines in its tracebacks.
+    return {name: entry for name, entry in list(linecache.cache.items())
+            if len(entry) == 4 and entry[1] is None}
+
+
+def _collect(config: LaunchConfig, state: RunState, results: dict) -> Any:
+    def value(rank: int) -> Any:
+        entry = results.get(rank)
+        return None if entry is None else loads_result(*entry)
+
+    if config.return_all:
+        return [value(rank) for rank in state.local_ranks]
+    return value(0) if config.node_rank == 0 else None
+
+
+def _wait_for_exit(handles: list[WorkerHandle], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for handle in handles:
+        handle.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        handle.poll()
+
+
+def _fill_exitcodes(failures: list, handles: list[WorkerHandle]) -> None:
+    codes = {h.rank: h.exitcode for h in handles}
+    for failure in failures:
+        if failure.exitcode is None:
+            failure.exitcode = codes.get(failure.rank)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold a second Interrupt until teardown is done, then deliver it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt

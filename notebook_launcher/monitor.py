@@ -1,0 +1,244 @@
+"""The parent's event loop: one selector over every worker pipe and process sentinel.
+
+It decodes worker messages into `RunState` events, forwards output lines to the view,
+notices failures, picks the root cause, and decides when the run is over. It never
+touches processes itself beyond reading; stopping them is the caller's job (so that
+teardown happens in one place, on every exit path).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import channel as ch
+from .errors import Failure
+from .state import Exited, Metrics, Output, Progress, Ready, RunState, Started
+from .ui.base import View
+from .workers.processes import WorkerHandle
+
+TICK = 0.1                  # seconds between view refreshes when nothing arrives
+FAILURE_WINDOW = 0.25       # after a first failure, how long to listen for an earlier root cause
+MAX_LINE = 64 * 1024        # a "line" longer than this is cut into pieces
+
+
+class LineSplitter:
+    """Bytes in, whole lines out. A carriage return rewinds the pending line (tqdm bars)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list:
+        data = self._pending + data
+        *complete, self._pending = data.split(b"\n")
+        lines = [_decode(line) for line in complete]
+        if len(self._pending) > MAX_LINE:
+            lines.append(_decode(self._pending))
+            self._pending = b""
+        return lines
+
+    def flush(self) -> list:
+        rest, self._pending = self._pending, b""
+        return [_decode(rest)] if rest.strip(b"\r") else []
+
+
+def _decode(raw: bytes) -> str:
+    if b"\r" in raw:  # keep what a terminal would show: the text after the last \r
+        raw = raw.rstrip(b"\r").rsplit(b"\r", 1)[-1]
+    return raw.decode("utf-8", errors="replace")
+
+
+@dataclass
+class Outcome:
+    """How the supervised run ended."""
+
+    results: dict = field(default_factory=dict)   # rank -> (blob, pickler)
+    root: Optional[Failure] = None
+    failures: list = field(default_factory=list)  # every failure seen, root included
+
+
+class Supervisor:
+    """Watches one attempt's workers until they all succeed or one fails."""
+
+    def __init__(self, handles: list[WorkerHandle], state: RunState, view: View,
+                 expect_result: set, tick: float = TICK, clock=time.monotonic) -> None:
+        self.handles = handles
+        self.tick = tick
+        self.state = state
+        self.view = view
+        self.expect_result = expect_result
+        self.clock = clock
+        self.outcome = Outcome()
+        self._failures: dict[int, Failure] = {}
+        self._errors: dict[int, dict] = {}
+        self._first_failure_at: Optional[float] = None
+        self._decoders = {h.rank: ch.FrameDecoder() for h in handles}
+        self._splitters = {(h.rank, s): LineSplitter() for h in handles for s in ("stdout", "stderr")}
+        self._selector = selectors.DefaultSelector()
+
+    # ------------------------------------------------------------- main loop
+    def run(self) -> Outcome:
+        """Block until the run is decided. KeyboardInterrupt propagates to the caller."""
+        self._register()
+        self.state.apply(Started(self.clock(), {h.rank: h.pid for h in self.handles}))
+        self.view.start(self.state)
+        try:
+            while not self._decided():
+                self._pump(self._timeout())
+                self.view.refresh(self.state)
+            self._drain()
+        finally:
+            self._selector.close()
+        self._conclude()
+        return self.outcome
+
+    def _register(self) -> None:
+        for h in self.handles:
+            self._selector.register(h.fds.events, selectors.EVENT_READ, (h, "events"))
+            self._selector.register(h.fds.stdout, selectors.EVENT_READ, (h, "stdout"))
+            self._selector.register(h.fds.stderr, selectors.EVENT_READ, (h, "stderr"))
+            self._selector.register(h.sentinel, selectors.EVENT_READ, (h, "exit"))
+
+    def _timeout(self) -> float:
+        if self._first_failure_at is None:
+            return self.tick
+        return max(0.0, min(self.tick, self._first_failure_at + FAILURE_WINDOW - self.clock()))
+
+    def _pump(self, timeout: float) -> None:
+        for key, _ in self._selector.select(timeout):
+            handle, what = key.data
+            if what == "exit":
+                self._on_exit(handle, key.fd)
+            else:
+                self._read(handle, what, key.fd)
+
+    def _decided(self) -> bool:
+        if self._first_failure_at is not None:
+            return self.clock() >= self._first_failure_at + FAILURE_WINDOW
+        return all(h.exitcode is not None for h in self.handles)
+
+    # ------------------------------------------------------------- reading
+    def _read(self, handle: WorkerHandle, what: str, fd: int) -> str:
+        """Read what is available on ``fd``: returns "data", "empty" or "eof"."""
+        try:
+            data = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return "empty"
+        except OSError:
+            data = b""
+        if not data:
+            self._unregister(fd)
+            if what != "events":
+                self._emit_lines(handle.rank, what, self._splitters[(handle.rank, what)].flush())
+            return "eof"
+        if what == "events":
+            for kind, payload in self._decoders[handle.rank].feed(data):
+                self._on_message(handle, kind, payload)
+        else:
+            self._emit_lines(handle.rank, what, self._splitters[(handle.rank, what)].feed(data))
+        return "data"
+
+    def _drain_fd(self, handle: WorkerHandle, what: str, fd: int) -> None:
+        while self._read(handle, what, fd) == "data":
+            pass
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _emit_lines(self, rank: int, stream: str, lines: list) -> None:
+        if lines:
+            self.state.apply(Output(rank, stream, tuple(lines), self.clock()))
+            self.view.output(rank, stream, lines)
+
+    def _on_message(self, handle: WorkerHandle, kind: str, payload: Any) -> None:
+        now = self.clock()
+        if kind == ch.READY:
+            self.state.apply(Ready(handle.rank, now))
+        elif kind == ch.METRICS:
+            self.state.apply(Metrics(handle.rank, payload.get("step"), payload["values"], now))
+        elif kind == ch.PROGRESS:
+            self.state.apply(Progress(handle.rank, payload["n"], payload.get("total"),
+                                      payload.get("desc"), payload.get("depth", 0), now))
+        elif kind == ch.RESULT:
+            if payload.get("value") is not None:
+                self.outcome.results[handle.rank] = (payload["value"], payload["pickler"])
+            else:
+                self.outcome.results.setdefault(handle.rank, None)
+        elif kind == ch.ERROR:
+            self._errors[handle.rank] = payload
+            self._record_failure(handle, exitcode=None)
+
+    # ------------------------------------------------------------- exits and failures
+    def _on_exit(self, handle: WorkerHandle, sentinel: int) -> None:
+        self._unregister(sentinel)
+        handle.process.join(timeout=1)
+        code = handle.poll()
+        if code is None:
+            return
+        self._drain_fd(handle, "events", handle.fds.events)  # its last words are in the pipe
+        self.state.apply(Exited(handle.rank, code, self.clock()))
+        if code != 0 or handle.rank not in self.outcome.results:
+            self._record_failure(handle, exitcode=code)
+
+    def _record_failure(self, handle: WorkerHandle, exitcode: Optional[int]) -> None:
+        now = self.clock()
+        failure = self._failures.get(handle.rank)
+        if failure is None:
+            failure = self._failures[handle.rank] = Failure(rank=handle.rank, pid=handle.pid, timestamp=now)
+        if exitcode is not None:
+            failure.exitcode = exitcode
+            if exitcode == 0 and not failure.message:
+                failure.message = "the worker exited before its function returned (os._exit(0)?)"
+        error = self._errors.get(handle.rank)
+        if error is not None:
+            failure.message = error["message"]
+            failure.traceback = error["traceback"]
+            failure.exc_type = error["exc_type"]
+            failure.secondary = error["secondary"]
+            failure.timestamp = error["t"]
+            failure.exception = _unpickle_exception(error.get("exception"))
+        if self._first_failure_at is None:
+            self._first_failure_at = now
+
+    def _drain(self) -> None:
+        """Collect what exited workers left in their pipes (their last output lines)."""
+        for h in self.handles:
+            for what, fd in (("stdout", h.fds.stdout), ("stderr", h.fds.stderr), ("events", h.fds.events)):
+                if fd in self._selector.get_map() and h.exitcode is not None:
+                    self._drain_fd(h, what, fd)
+        for (rank, stream), splitter in self._splitters.items():
+            self._emit_lines(rank, stream, splitter.flush())
+
+    def _conclude(self) -> None:
+        failures = list(self._failures.values())
+        missing = [r for r in self.expect_result if r not in self.outcome.results]
+        if not failures and missing:
+            handle = next(h for h in self.handles if h.rank == missing[0])
+            failures = [Failure(rank=handle.rank, pid=handle.pid, exitcode=handle.exitcode,
+                                message="the worker ended without sending its result", timestamp=self.clock())]
+        if failures:
+            self.outcome.failures = failures
+            self.outcome.root = pick_root_cause(failures)
+
+
+def pick_root_cause(failures: list) -> Failure:
+    """The failure that caused the others: real errors before "lost my peer" errors, then earliest."""
+    return min(failures, key=lambda f: (f.secondary, f.timestamp, f.rank))
+
+
+def _unpickle_exception(blob: Optional[bytes]) -> Optional[BaseException]:
+    if not blob:
+        return None
+    import pickle
+
+    try:
+        exc = pickle.loads(blob)
+    except Exception:
+        return None
+    return exc if isinstance(exc, BaseException) else None

@@ -1,0 +1,119 @@
+"""The rendezvous store and the torchrun environment contract.
+
+The parent owns the `TCPStore` server (``TORCHELASTIC_USE_AGENT_STORE=True``), so every
+worker connects as a client: there is no "who binds the port first" race, and user code
+(or HF accelerate, or Lightning) that calls ``init_process_group()`` with env:// finds a
+ready store. The listening socket is bound by us, on an OS-chosen port unless the user
+named one, to the loopback interface unless the job spans machines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.distributed as dist
+
+from .errors import LaunchConfigError
+
+
+@dataclass
+class Rendezvous:
+    """Where the workers of one launch attempt meet. Close it when the attempt ends."""
+
+    master_addr: str
+    master_port: int
+    world_size: int
+    run_id: str
+    restart_count: int = 0
+    store: Optional[dist.TCPStore] = field(default=None, repr=False)
+
+    def worker_env(self, rank: int, local_rank: int, local_world_size: int, group_rank: int) -> dict:
+        """The environment variables torchrun would give this worker."""
+        return {
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(local_world_size),
+            "GROUP_RANK": str(group_rank),
+            "GROUP_WORLD_SIZE": str(self.world_size // local_world_size),
+            "ROLE_RANK": str(rank),
+            "ROLE_WORLD_SIZE": str(self.world_size),
+            "ROLE_NAME": "default",
+            "TORCHELASTIC_RUN_ID": self.run_id,
+            "TORCHELASTIC_RESTART_COUNT": str(self.restart_count),
+            "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+        }
+
+    def close(self) -> None:
+        """Shut the store server down and free its port."""
+        self.store = None  # the C++ destructor stops the server and closes the socket
+
+
+def host_store(
+    master_addr: str,
+    world_size: int,
+    port: Optional[int] = None,
+    bind_all: bool = False,
+    restart_count: int = 0,
+    run_id: Optional[str] = None,
+    timeout: float = 300.0,
+) -> Rendezvous:
+    """Start a TCPStore server in this process and describe how workers reach it.
+
+    ``port=None`` (or 0) lets the OS pick a free port. ``bind_all`` listens on every
+    interface, needed only when workers on other machines must connect.
+
+    Example::
+
+        rdzv = host_store("127.0.0.1", world_size=2)
+        env = rdzv.worker_env(rank=0, local_rank=0, local_world_size=2, group_rank=0)
+        rdzv.close()
+    """
+    listener = _listen(master_addr, port or 0, bind_all)
+    actual_port = listener.getsockname()[1]
+    store = dist.TCPStore(
+        master_addr,
+        actual_port,
+        None,
+        True,
+        timeout=datetime.timedelta(seconds=timeout),
+        wait_for_workers=False,
+        master_listen_fd=listener.fileno(),
+        use_libuv=True,
+    )
+    listener.detach()  # the store owns (and will close) the socket now
+    return Rendezvous(
+        master_addr=master_addr,
+        master_port=actual_port,
+        world_size=world_size,
+        run_id=run_id or uuid.uuid4().hex[:12],
+        restart_count=restart_count,
+        store=store,
+    )
+
+
+def _listen(master_addr: str, port: int, bind_all: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+    bind_host = ("::" if family == socket.AF_INET6 else "0.0.0.0") if bind_all else master_addr
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind_host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if port:
+            raise LaunchConfigError(
+                f"use_port={port} is not available on {bind_host} ({exc.strerror}). "
+                "Another run or program holds it: pick another port, or leave use_port=None "
+                "to let the system choose a free one."
+            ) from None
+        raise LaunchConfigError(f"could not listen on {bind_host}: {exc.strerror}. Check master_addr.") from None
+    return sock

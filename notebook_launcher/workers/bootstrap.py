@@ -1,0 +1,310 @@
+"""What runs inside a worker process, from its first instruction to `os._exit`.
+
+Order matters and each step says why:
+1. isolate: own process group (an Interrupt aimed at the kernel's group does not spray
+   tracebacks from workers; teardown can kill the worker with everything it forked),
+   parent-death signal, and the same signal for anything the worker forks later.
+2. own the file descriptors: close the parent's ends, put our pipes on fds 1 and 2 (so
+   C-level output from gloo/NCCL is captured), stdin from /dev/null.
+3. watch the parent: a thread blocks on the control pipe; EOF means the parent is gone.
+4. environment, threads, device, process group; then the task; then the result.
+5. `os._exit`: a forked copy of a Jupyter kernel must never run the kernel's atexit hooks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import linecache
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .. import channel as ch
+from ..serialization import dumps_result, loads_task
+from . import context
+
+PR_SET_PDEATHSIG = 1
+
+# Errors that a rank raises because ANOTHER rank died: never the root cause.
+_SECONDARY_ERROR = re.compile(
+    r"closed by peer|reset by peer|broken pipe|connection refused|communicator was aborted"
+    r"|remote process exited|NCCL communicator.*abort|Connection closed|peer.*(?:closed|disconnect)",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class Task:
+    """One call of the user's function."""
+
+    function: Callable
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class InheritedFds:
+    """The child's ends of its four pipes (same numbers in the child as in the parent)."""
+
+    events: int
+    stdout: int
+    stderr: int
+    control: int
+
+    def __getstate__(self):
+        # When multiprocess pickles us for a spawned child, ask it to pass these fds along.
+        from multiprocess import context as mp_context
+
+        popen = mp_context.get_spawning_popen()
+        if popen is not None:
+            for fd in (self.events, self.stdout, self.stderr, self.control):
+                popen.duplicate_for_child(fd)
+        return self.__dict__
+
+
+@dataclass
+class WorkerSpec:
+    """Everything one worker needs to know, as plain data."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    backend: str
+    device: str
+    mixed_precision: str
+    restart_count: int
+    num_threads: int
+    env: dict
+    fds: InheritedFds
+    parent_pid: int
+    send_result: bool
+    close_fds: tuple = ()           # parent-side fds a forked child inherited and must close
+    task: Optional[Task] = None     # fork: the task itself, never pickled
+    task_blob: Optional[bytes] = None  # spawn: the task pickled with dill
+    notebook_sources: dict = field(default_factory=dict)  # spawn: linecache entries of notebook cells
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Entry point of every worker process. Never returns."""
+    code = 1
+    try:
+        _isolate(spec.parent_pid)
+        _own_descriptors(spec)
+        channel = ch.WorkerChannel(spec.fds.events)
+        _watch_parent(spec.fds.control)
+        code = _serve(spec, channel)
+    finally:
+        _flush_std_streams()
+        os._exit(code)
+
+
+# ----------------------------------------------------------------- process setup
+def _isolate(parent_pid: int) -> None:
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    # Whatever this worker forks (DataLoader workers, ...) dies with it too.
+    os.register_at_fork(after_in_child=_set_parent_death_signal)
+
+
+def _set_parent_death_signal() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass  # the control-pipe watchdog still covers parent death
+
+
+def _own_descriptors(spec: WorkerSpec) -> None:
+    for fd in spec.close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(spec.fds.stdout, 1)
+    os.dup2(spec.fds.stderr, 2)
+    os.close(spec.fds.stdout)
+    os.close(spec.fds.stderr)
+    # Fresh Python streams on the redirected fds. In a forked kernel the inherited
+    # sys.stdout is ipykernel's OutStream, which talks to threads that do not exist here.
+    sys.stdin = open(0, "r", closefd=False)
+    sys.stdout = sys.__stdout__ = _line_stream(1)
+    sys.stderr = sys.__stderr__ = _line_stream(2)
+
+
+def _line_stream(fd: int) -> io.TextIOWrapper:
+    raw = open(fd, "wb", buffering=0, closefd=False)
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8", errors="backslashreplace",
+                            line_buffering=True, write_through=False)
+
+
+def _watch_parent(control_fd: int) -> None:
+    def watch() -> None:
+        while True:
+            try:
+                data = os.read(control_fd, 4096)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # EOF: the parent is gone; take down this worker and its children
+                _flush_std_streams()
+                if os.getpgrp() == os.getpid():
+                    os.killpg(0, signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="notebook_launcher-watchdog", daemon=True).start()
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------- the task
+def _serve(spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
+    """Run the task and report back; returns the process exit code."""
+    try:
+        task = _prepare(spec, channel)
+        channel.send(ch.READY, {"pid": os.getpid(), "backend": spec.backend, "device": spec.device})
+        value = task.function(*task.args, **task.kwargs)
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            value = None  # sys.exit(0) in the function is a normal end
+        else:
+            _report_error(channel, exc)
+            return exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        _report_error(channel, exc)
+        return 1
+    try:
+        _send_result(spec, channel, value)
+    except BaseException as exc:
+        _report_error(channel, exc, context=f"the return value of rank {spec.rank} could not be sent back")
+        return 1
+    _destroy_process_group()
+    channel.close()
+    return 0
+
+
+def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> Task:
+    os.environ.update(spec.env)
+    import torch
+
+    torch.set_num_threads(spec.num_threads)
+    context.install(context.WorkerContext(
+        rank=spec.rank, local_rank=spec.local_rank, world_size=spec.world_size,
+        local_world_size=spec.local_world_size, device=spec.device, backend=spec.backend,
+        mixed_precision=spec.mixed_precision, restart_count=spec.restart_count,
+        pid=os.getpid(), channel=channel,
+    ))
+    if spec.device.startswith("cuda"):
+        _pin_cuda_device(torch, spec.local_rank)
+    linecache.cache.update(spec.notebook_sources)
+    task = spec.task if spec.task is not None else loads_task(spec.task_blob)
+    _init_process_group(spec)
+    return task
+
+
+def _pin_cuda_device(torch, local_rank: int) -> None:
+    try:
+        torch.cuda.set_device(local_rank)
+    except RuntimeError as exc:
+        if "forked subprocess" in str(exc) or "initialization error" in str(exc):
+            raise RuntimeError(
+                "CUDA was initialized in the notebook before this forked worker started, so "
+                "the worker cannot use the GPU. Relaunch with start_method='spawn' (or leave "
+                "start_method='auto'), or restart the kernel and keep CUDA calls inside the "
+                "launched function."
+            ) from exc
+        raise
+
+
+def _init_process_group(spec: WorkerSpec) -> None:
+    import torch.distributed as dist
+
+    from .process_group import init_default_group
+
+    init_default_group(dist, spec.backend, spec.rank, spec.world_size, spec.device)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any) -> None:
+    if not spec.send_result:
+        channel.send(ch.RESULT, {"value": None, "pickler": None})
+        return
+    try:
+        blob, pickler = dumps_result(value)
+    except Exception as exc:
+        raise TypeError(
+            f"rank {spec.rank}'s return value ({type(value).__name__}) could not be pickled: {exc}. "
+            "Return plain data (numbers, lists, dicts, tensors, a state_dict) instead."
+        ) from None
+    channel.send(ch.RESULT, {"value": blob, "pickler": pickler})
+
+
+def _report_error(channel: ch.WorkerChannel, exc: BaseException, context: str = "") -> None:
+    when = time.monotonic()
+    text = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if context:
+        message = f"{context}: {message}"
+    payload = {
+        "message": message.splitlines()[0] if message else type(exc).__name__,
+        "traceback": text,
+        "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "exception": _pickled_exception(exc),
+        "secondary": bool(_SECONDARY_ERROR.search(str(exc))),
+        "t": when,
+    }
+    try:
+        channel.send(ch.ERROR, payload)
+    except OSError:
+        pass  # parent gone
+
+
+def _user_frames(tb):
+    """Drop this module's frames from the top of a traceback."""
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb
+
+
+def _pickled_exception(exc: BaseException) -> Optional[bytes]:
+    import pickle
+
+    try:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)  # some exceptions pickle but cannot be rebuilt
+        return blob
+    except Exception:
+        return None
