@@ -23,7 +23,8 @@ from .serialization import dumps_task, loads_result
 from .state import Finished, RunState
 from .ui.base import View
 from .workers.bootstrap import InheritedFds, Task, WorkerSpec
-from .workers.processes import WorkerHandle, start_workers, stop_workers
+from .workers.processes import (WorkerHandle, resource_tracker_running, start_workers, stop_resource_tracker,
+                                stop_workers)
 
 TEARDOWN_GRACE = 1.0   # seconds between SIGTERM and SIGKILL
 ROOT_EXIT_WAIT = 0.5   # let a rank that reported an error exit by itself, for its real exit code
@@ -40,6 +41,7 @@ def run_attempt(config: LaunchConfig, view: View, attempt: int) -> Any:
     rdzv = None
     handles: list[WorkerHandle] = []
     status, failure = "failed", None
+    tracker_was_running = config.start_method != "spawn" or resource_tracker_running()
     try:
         rdzv = rendezvous.host_store(
             config.master_addr, config.world_size, port=config.port,
@@ -66,6 +68,8 @@ def run_attempt(config: LaunchConfig, view: View, attempt: int) -> Any:
                 handle.close_all()
             if rdzv is not None:
                 rdzv.close()
+            if not tracker_was_running:
+                stop_resource_tracker()
             state.apply(Finished(status, time.monotonic(), failure))
             view.finish(state)
 

@@ -200,7 +200,7 @@ def _serve(spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     try:
         _send_result(spec, channel, value)
     except BaseException as exc:
-        _report_error(channel, exc, context=f"the return value of rank {spec.rank} could not be sent back")
+        _report_error(channel, exc)
         return 1
     _destroy_process_group()
     channel.close()
@@ -272,12 +272,10 @@ def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any) -> Non
     channel.send(ch.RESULT, {"value": blob, "pickler": pickler})
 
 
-def _report_error(channel: ch.WorkerChannel, exc: BaseException, context: str = "") -> None:
+def _report_error(channel: ch.WorkerChannel, exc: BaseException) -> None:
     when = time.monotonic()
     text = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if context:
-        message = f"{context}: {message}"
     payload = {
         "message": message.splitlines()[0] if message else type(exc).__name__,
         "traceback": text,

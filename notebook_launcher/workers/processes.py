@@ -102,6 +102,41 @@ def start_workers(start_method: str, make_spec: Callable[[int, InheritedFds, tup
         return _start_all(context, pipes, make_spec)
 
 
+def resource_tracker_running() -> bool:
+    """Whether multiprocess's resource tracker (started by spawn) is running in this process."""
+    from multiprocess import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+
+
+def stop_resource_tracker(timeout: float = 2.0) -> None:
+    """Stop the resource tracker that a spawn launch started, so no helper process outlives
+    the call. (multiprocess would keep it until the kernel exits.)"""
+    from multiprocess import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    fd, pid = getattr(tracker, "_fd", None), getattr(tracker, "_pid", None)
+    if fd is None:
+        return
+    tracker._fd = tracker._pid = None
+    os.close(fd)  # EOF tells the tracker to exit
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 @contextlib.contextmanager
 def _without_main_module_rerun():
     """A spawned child normally re-imports the parent's ``__main__`` (a notebook kernel,

@@ -1,0 +1,24 @@
+import os
+import sys
+
+import psutil
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Every test must reap what it started (kernels are shut down by their fixtures)."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        left = [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"

@@ -1,0 +1,140 @@
+"""A real Jupyter kernel for tests: started with jupyter_client, driven like a notebook.
+
+Fork from inside ipykernel is not fork from pytest (threads, zmq sockets, an OutStream
+that forwards fd output), so launcher tests that matter run their code here.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import psutil
+from jupyter_client import KernelManager
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class CellResult:
+    status: str = ""                       # "ok" | "error" | "aborted"
+    stdout: str = ""
+    stderr: str = ""
+    ename: str = ""
+    evalue: str = ""
+    traceback: str = ""
+    displays: list = field(default_factory=list)  # display_data / execute_result data dicts
+    seconds: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return self.stdout + self.stderr
+
+
+class Kernel:
+    """One ipykernel process. Use as a context manager; it is always shut down and reaped."""
+
+    def __init__(self, startup: str = "", timeout: float = 60) -> None:
+        env = dict(os.environ)
+        env.pop("PYTEST_CURRENT_TEST", None)
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(cwd=REPO, env=env)
+        self.client = self.km.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=timeout)
+        self.pid = self.km.provisioner.process.pid
+        if startup:
+            result = self.run(startup, timeout=timeout)
+            assert result.status == "ok", result.traceback
+
+    def __enter__(self) -> "Kernel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------- execution
+    def run(self, code: str, timeout: float = 60, on_output: Optional[Callable[[CellResult], None]] = None) -> CellResult:
+        """Execute a cell and collect everything it printed or displayed."""
+        start = time.monotonic()
+        msg_id = self.client.execute(code, store_history=True)
+        result = CellResult()
+        deadline = start + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"cell did not finish in {timeout}s; output so far:\n{result.text[-3000:]}")
+            try:
+                msg = self.client.get_iopub_msg(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                if content["name"] == "stdout":
+                    result.stdout += content["text"]
+                else:
+                    result.stderr += content["text"]
+                if on_output is not None:
+                    on_output(result)
+            elif kind in ("display_data", "execute_result", "update_display_data"):
+                result.displays.append(content.get("data", {}))
+            elif kind == "error":
+                result.ename, result.evalue = content["ename"], content["evalue"]
+                result.traceback = "\n".join(content["traceback"])
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        reply = self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+        result.status = reply["content"]["status"]
+        result.seconds = time.monotonic() - start
+        return result
+
+    def value(self, expression: str, timeout: float = 60):
+        """Evaluate an expression in the kernel and bring its repr back as a Python value."""
+        result = self.run(f"print(repr({expression}))", timeout=timeout)
+        assert result.status == "ok", result.traceback
+        import ast
+
+        return ast.literal_eval(result.stdout.strip().splitlines()[-1])
+
+    def interrupt(self) -> None:
+        self.km.interrupt_kernel()
+
+    # ------------------------------------------------------------- processes
+    def descendants(self) -> list:
+        """Live processes started under the kernel (zombies not yet reaped included)."""
+        try:
+            return [p for p in psutil.Process(self.pid).children(recursive=True) if _alive(p)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_no_descendants(self, timeout: float = 5.0) -> list:
+        deadline = time.monotonic() + timeout
+        left = self.descendants()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = self.descendants()
+        return left
+
+    def shutdown(self) -> None:
+        try:
+            self.client.stop_channels()
+        finally:
+            if self.km.is_alive():
+                self.km.shutdown_kernel(now=True)
+            self.km.cleanup_resources()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def pids_alive(pids) -> list:
+    return [pid for pid in pids if psutil.pid_exists(pid) and _alive(psutil.Process(pid))]

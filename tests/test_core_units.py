@@ -1,0 +1,89 @@
+"""Pieces of the core that can be checked without processes: framing, lines, root cause."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from notebook_launcher import WorkerError, channel as ch
+from notebook_launcher.errors import Failure
+from notebook_launcher.monitor import LineSplitter, pick_root_cause
+from notebook_launcher.serialization import dumps_result, loads_result
+
+
+def test_frames_survive_any_chunking():
+    messages = [(ch.METRICS, {"step": i, "values": {"loss": i / 3}}) for i in range(50)]
+    messages.append((ch.RESULT, {"value": os.urandom(300_000), "pickler": "pickle"}))
+    stream = b"".join(ch.encode(kind, payload) for kind, payload in messages)
+    rng = random.Random(0)
+    decoder, got, pos = ch.FrameDecoder(), [], 0
+    while pos < len(stream):
+        step = rng.choice([1, 7, 8, 9, 4096, 70_000])
+        got.extend(decoder.feed(stream[pos:pos + step]))
+        pos += step
+    assert got == messages and decoder.pending_bytes == 0
+
+
+def test_posted_batches_unfold_into_messages():
+    batch = ch.encode(ch.BATCH, [(ch.METRICS, {"a": 1}), (ch.PROGRESS, {"n": 2})])
+    assert list(ch.FrameDecoder().feed(batch)) == [(ch.METRICS, {"a": 1}), (ch.PROGRESS, {"n": 2})]
+
+
+def test_worker_channel_delivers_posted_then_sent_in_order():
+    read_fd, write_fd = os.pipe()
+    channel = ch.WorkerChannel(write_fd)
+    for i in range(100):
+        channel.post(ch.METRICS, {"step": i})
+    channel.send(ch.RESULT, {"value": None})
+    channel.close()
+    os.close(write_fd)
+    data = b""
+    while chunk := os.read(read_fd, 65536):
+        data += chunk
+    os.close(read_fd)
+    got = list(ch.FrameDecoder().feed(data))
+    assert [p["step"] for k, p in got if k == ch.METRICS] == list(range(100))
+    assert got[-1] == (ch.RESULT, {"value": None})
+
+
+def test_line_splitter_keeps_whole_lines_and_collapses_carriage_returns():
+    s = LineSplitter()
+    assert s.feed(b"hel") == []
+    assert s.feed(b"lo\nwor") == ["hello"]
+    assert s.feed(b"ld\n\xc3") == ["world"]
+    assert s.feed(b"\xa9\n") == ["\u00e9"]                       # a UTF-8 char split across reads
+    assert s.feed(b" 10%\r 50%\r100%\n") == ["100%"]             # tqdm-style bar: what a terminal shows
+    assert s.feed(b"x" * 70_000) == ["x" * 70_000]              # unbounded "line": cut, not hoarded
+    assert s.feed(b"tail") == [] and s.flush() == ["tail"] and s.flush() == []
+
+
+def test_root_cause_prefers_real_errors_over_lost_peers_then_the_earliest():
+    lost_peer = Failure(rank=0, pid=1, message="RuntimeError: Connection closed by peer", secondary=True, timestamp=1.0)
+    real = Failure(rank=1, pid=2, message="ValueError: bad", timestamp=1.5)
+    later = Failure(rank=2, pid=3, message="ValueError: also bad", timestamp=2.0)
+    assert pick_root_cause([lost_peer, later, real]) is real
+    assert pick_root_cause([lost_peer]) is lost_peer
+
+
+def test_worker_error_is_a_child_failed_error_and_pickles():
+    root = Failure(rank=1, pid=10, exitcode=-9)
+    other = Failure(rank=0, pid=11, exitcode=1, message="RuntimeError: Connection reset by peer", secondary=True)
+    err = WorkerError(root, [other])
+    assert isinstance(err, ChildFailedError)
+    assert (err.rank, err.exitcode, err.signal) == (1, -9, 9)
+    assert err.get_first_failure()[0] == 1 and set(err.failures) == {0, 1}
+    assert str(err).startswith("rank 1 failed: killed by SIGKILL")
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.rank, copy.signal, str(copy)) == (1, 9, str(err))
+
+
+def test_results_round_trip_tensors_and_fall_back_to_dill():
+    state = {"w": torch.arange(6.0).reshape(2, 3), "p": torch.nn.Parameter(torch.ones(2))}
+    back = loads_result(*dumps_result(state))
+    assert torch.equal(back["w"], state["w"]) and isinstance(back["p"], torch.nn.Parameter)
+    blob, pickler = dumps_result(lambda v: v + 1)
+    assert pickler == "dill" and loads_result(blob, pickler)(1) == 2
