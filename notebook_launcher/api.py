@@ -34,6 +34,9 @@ def notebook_launcher(
     device: str = "auto",
     return_all: bool = False,
     display: str = "auto",
+    stall_timeout: Optional[float] = 300.0,
+    on_stall: str = "warn",
+    rdzv_timeout: float = 600.0,
 ) -> Any:
     """Run ``function(*args, **kwargs)`` in ``num_processes`` workers wired into one
     ``torch.distributed`` job, and return rank 0's return value.
@@ -60,6 +63,12 @@ def notebook_launcher(
         device: "auto", "cpu" or "cuda".
         return_all: return a list with every rank's value, indexed by rank.
         display: "auto" | "widgets" | "text" | "none".
+        stall_timeout: seconds a rank may go without any sign of progress (a report,
+            a progress step, an output line, or its Python stack moving) before it counts
+            as stuck; its stacks (every thread) are then shown. None turns this off.
+        on_stall: "warn" (show the stacks, keep running) or "raise" (stop the run and
+            raise WorkerError carrying the stacks).
+        rdzv_timeout: several machines: seconds to wait for every node to arrive.
 
     Raises:
         WorkerError: a worker failed. ``.rank`` is the rank that failed first,
@@ -84,7 +93,7 @@ def notebook_launcher(
     config = resolve(
         function, args, kwargs, num_processes, mixed_precision, use_port, master_addr, node_rank,
         num_nodes, rdzv_backend, max_restarts, monitor_interval, log_line_prefix_template,
-        start_method, backend, device, return_all, display,
+        start_method, backend, device, return_all, display, stall_timeout, on_stall, rdzv_timeout,
     )
     if config.start_method_reason:
         print(config.start_method_reason, file=sys.stderr)

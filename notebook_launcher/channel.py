@@ -27,6 +27,7 @@ READY = "ready"          # {"pid", "backend", "device"}: process group ready, us
 BATCH = "batch"          # [(kind, payload), ...]: posted messages, flushed together
 METRICS = "metrics"      # {"step", "values": {name: float}, "t"}
 PROGRESS = "progress"    # {"n", "total", "desc", "depth", "t"}
+HEARTBEAT = "heartbeat"  # {"t"}: the worker's main thread moved since the last beat
 RESULT = "result"        # {"value": bytes | None, "pickler": "pickle" | "dill" | None}
 ERROR = "error"          # {"message", "traceback", "exc_type", "exception": bytes | None, "secondary", "t"}
 

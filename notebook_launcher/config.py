@@ -45,6 +45,9 @@ class LaunchConfig:
     tick: float
     line_prefix: str            # string.Template with ${rank}, ${local_rank}, ${role_name}
     num_threads: int
+    stall_timeout: Optional[float]  # seconds without progress before a rank counts as stuck; None: off
+    on_stall: str                   # "warn" | "raise"
+    rdzv_timeout: float             # multi-node: seconds to wait for every rank to arrive
     environment: environment.Environment = field(repr=False)
 
     @property
@@ -59,7 +62,8 @@ class LaunchConfig:
 def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixed_precision: Any,
             use_port: Any, master_addr: Any, node_rank: Any, num_nodes: Any, rdzv_backend: Any,
             max_restarts: Any, monitor_interval: Any, log_line_prefix_template: Any,
-            start_method: Any, backend: Any, device: Any, return_all: bool, display: str) -> LaunchConfig:
+            start_method: Any, backend: Any, device: Any, return_all: bool, display: str,
+            stall_timeout: Any = None, on_stall: Any = "warn", rdzv_timeout: Any = 600) -> LaunchConfig:
     if context.current() is not None:
         raise LaunchConfigError(
             "notebook_launcher was called from inside a launched worker. Call it from the "
@@ -89,6 +93,9 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
     if max_restarts < 0:
         raise LaunchConfigError(f"max_restarts must be 0 or more, got {max_restarts}.")
     port = _port(use_port, num_nodes)
+    on_stall = _choice("on_stall", on_stall, ON_STALL)
+    stall_timeout = None if stall_timeout is None else _seconds("stall_timeout", stall_timeout)
+    rdzv_timeout = _seconds("rdzv_timeout", rdzv_timeout)
 
     env = environment.detect()
     device_type = _device_type(device, env)
@@ -107,7 +114,8 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
         master_addr=str(master_addr), port=port, max_restarts=max_restarts,
         return_all=bool(return_all), display=display, tick=_tick(monitor_interval),
         line_prefix=log_line_prefix_template or "[rank${rank}]: ",
-        num_threads=_threads_per_worker(env, nproc), environment=env,
+        num_threads=_threads_per_worker(env, nproc), stall_timeout=stall_timeout,
+        on_stall=on_stall, rdzv_timeout=rdzv_timeout, environment=env,
     )
 
 
@@ -216,6 +224,12 @@ def _check_sendable(function: Callable, args: tuple, kwargs: dict) -> None:
                 "Create it inside the function instead (open files, sockets, locks, generators "
                 "and CUDA handles cannot be copied to another process)."
             )
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise LaunchConfigError(f"{name} must be a positive number of seconds, got {value!r}.")
+    return float(value)
 
 
 def _tick(monitor_interval: Any) -> float:

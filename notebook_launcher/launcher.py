@@ -18,11 +18,12 @@ from typing import Any
 from . import rendezvous
 from .config import LaunchConfig
 from .errors import WorkerError
-from .monitor import Supervisor
+from .monitor import StallWatch, Supervisor
 from .serialization import dumps_task, loads_result
 from .state import Finished, RunState
 from .ui.base import View
 from .workers.bootstrap import InheritedFds, Task, WorkerSpec
+from .workers.stacks import StackDumps
 from .workers.processes import (WorkerHandle, resource_tracker_running, start_workers, stop_resource_tracker,
                                 stop_workers)
 
@@ -42,14 +43,17 @@ def run_attempt(config: LaunchConfig, view: View, attempt: int) -> Any:
     handles: list[WorkerHandle] = []
     status, failure = "failed", None
     tracker_was_running = config.start_method != "spawn" or resource_tracker_running()
+    stacks = StackDumps()
     try:
         rdzv = rendezvous.host_store(
-            config.master_addr, config.world_size, port=config.port,
-            bind_all=config.num_nodes > 1, restart_count=attempt,
+            config.master_addr, config.world_size, port=config.port, bind_all=config.num_nodes > 1,
+            restart_count=attempt, max_restarts=config.max_restarts,
         ) if config.node_rank == 0 else _remote_rendezvous(config, attempt)
-        handles = start_workers(config.start_method, _spec_factory(config, rdzv), config.nproc)
+        handles = start_workers(config.start_method, _spec_factory(config, rdzv, stacks), config.nproc)
         expect = set(state.local_ranks) if config.return_all else {0} & set(state.local_ranks)
-        outcome = Supervisor(handles, state, view, expect, tick=config.tick).run()
+        stall = None if config.stall_timeout is None else StallWatch(
+            config.stall_timeout, config.on_stall, lambda rank, pid: stacks.dump(rank, pid))
+        outcome = Supervisor(handles, state, view, expect, tick=config.tick, stall=stall).run()
         if outcome.root is not None:
             failure = outcome.root
             _wait_for_exit([h for h in handles if h.rank == failure.rank], ROOT_EXIT_WAIT)
@@ -70,17 +74,18 @@ def run_attempt(config: LaunchConfig, view: View, attempt: int) -> Any:
                 rdzv.close()
             if not tracker_was_running:
                 stop_resource_tracker()
+            stacks.close()
             state.apply(Finished(status, time.monotonic(), failure))
             view.finish(state)
 
 
 def _remote_rendezvous(config: LaunchConfig, attempt: int) -> rendezvous.Rendezvous:
     # Nodes other than 0 host nothing: their workers connect to node 0's store.
-    return rendezvous.Rendezvous(config.master_addr, config.port, config.world_size,
-                                 run_id="static", restart_count=attempt)
+    return rendezvous.Rendezvous(config.master_addr, config.port, config.world_size, run_id="static",
+                                 restart_count=attempt, max_restarts=config.max_restarts)
 
 
-def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous):
+def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous, stacks: StackDumps):
     task = Task(config.function, config.args, config.kwargs)
     spawn = config.start_method == "spawn"
     task_blob = dumps_task(task) if spawn else None
@@ -105,6 +110,7 @@ def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous):
             num_threads=config.num_threads, env=env, fds=fds, parent_pid=os.getpid(),
             send_result=config.return_all or rank == 0, close_fds=() if spawn else close_fds,
             task=None if spawn else task, task_blob=task_blob, notebook_sources=sources,
+            stack_file=stacks.path(rank), rdzv_timeout=config.rdzv_timeout if config.num_nodes > 1 else None,
         )
 
     return make_spec

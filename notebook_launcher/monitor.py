@@ -64,9 +64,11 @@ class Supervisor:
     """Watches one attempt's workers until they all succeed or one fails."""
 
     def __init__(self, handles: list[WorkerHandle], state: RunState, view: View,
-                 expect_result: set, tick: float = TICK, clock=time.monotonic) -> None:
+                 expect_result: set, tick: float = TICK, clock=time.monotonic,
+                 stall: Optional["StallWatch"] = None) -> None:
         self.handles = handles
         self.tick = tick
+        self.stall = stall
         self.state = state
         self.view = view
         self.expect_result = expect_result
@@ -88,6 +90,8 @@ class Supervisor:
         try:
             while not self._decided():
                 self._pump(self._timeout())
+                if self.stall is not None:
+                    self._check_stalls()
                 self.view.refresh(self.state)
             self._drain()
         finally:
@@ -151,13 +155,19 @@ class Supervisor:
         except (KeyError, ValueError):
             pass
 
-    def _emit_lines(self, rank: int, stream: str, lines: list) -> None:
+    def _emit_lines(self, rank: int, stream: str, lines: list, activity: bool = True) -> None:
+        if lines and activity and self.stall is not None:
+            self.stall.active(rank, self.clock())
         if lines:
             self.state.apply(Output(rank, stream, tuple(lines), self.clock()))
             self.view.output(rank, stream, lines)
 
     def _on_message(self, handle: WorkerHandle, kind: str, payload: Any) -> None:
         now = self.clock()
+        if self.stall is not None:
+            self.stall.active(handle.rank, now, ready=kind == ch.READY)
+        if kind == ch.HEARTBEAT:
+            return
         if kind == ch.READY:
             self.state.apply(Ready(handle.rank, now))
         elif kind == ch.METRICS:
@@ -206,6 +216,26 @@ class Supervisor:
         if self._first_failure_at is None:
             self._first_failure_at = now
 
+    def _check_stalls(self) -> None:
+        live = {h.rank: h for h in self.handles if h.exitcode is None}
+        stuck = self.stall.stuck(self.clock(), set(live))
+        if not stuck or self._first_failure_at is not None:
+            return
+        stacks = {rank: self.stall.dump(rank, live[rank].pid) for rank in stuck}
+        report = self.stall.describe(stuck, stacks)
+        if self.stall.on_stall == "raise":
+            rank = likely_culprit(stuck, stacks)
+            failure = self._failures[rank] = Failure(
+                rank=rank, pid=live[rank].pid, timestamp=self.clock(), traceback=report,
+                message=f"no progress for {self.stall.timeout:g}s (stall_timeout) on "
+                        + ", ".join(f"rank {r}" for r in stuck) + "; their stacks show where",
+            )
+            self._first_failure_at = failure.timestamp
+        else:
+            for rank in stuck:
+                header = f"no progress for {self.stall.timeout:g}s (stall_timeout); its stacks, most recent call first:"
+                self._emit_lines(rank, "stderr", [header, *stacks[rank].splitlines()], activity=False)
+
     def _drain(self) -> None:
         """Collect what exited workers left in their pipes (their last output lines)."""
         for h in self.handles:
@@ -227,6 +257,17 @@ class Supervisor:
             self.outcome.root = pick_root_cause(failures)
 
 
+def likely_culprit(stuck: list, stacks: dict) -> int:
+    """Among stuck ranks, the one NOT waiting inside a torch.distributed call is the one
+    the others wait for (e.g. it never joined the collective)."""
+    for rank in stuck:
+        current = stacks[rank].split("Current thread", 1)[-1]
+        first_frame = next((line for line in current.splitlines() if 'File "' in line), "")
+        if "torch/distributed" not in first_frame:
+            return rank
+    return stuck[0]
+
+
 def pick_root_cause(failures: list) -> Failure:
     """The failure that caused the others: real errors before "lost my peer" errors, then earliest."""
     return min(failures, key=lambda f: (f.secondary, f.timestamp, f.rank))
@@ -242,3 +283,34 @@ def _unpickle_exception(blob: Optional[bytes]) -> Optional[BaseException]:
     except Exception:
         return None
     return exc if isinstance(exc, BaseException) else None
+
+
+class StallWatch:
+    """When did each rank last show signs of life, and which ranks have gone quiet.
+
+    Signs of life: any message (report, progress, heartbeat) or output line. A rank is
+    reported once per quiet period; activity re-arms it.
+    """
+
+    def __init__(self, timeout: float, on_stall: str, dump) -> None:
+        self.timeout = timeout
+        self.on_stall = on_stall
+        self.dump = dump                  # dump(rank, pid) -> stack text
+        self._last: dict[int, float] = {}
+        self._reported: set = set()
+
+    def active(self, rank: int, now: float, ready: bool = False) -> None:
+        if ready or rank in self._last:
+            self._last[rank] = now
+            self._reported.discard(rank)
+
+    def stuck(self, now: float, live: set) -> list:
+        quiet = [r for r, t in self._last.items()
+                 if r in live and r not in self._reported and now - t >= self.timeout]
+        self._reported.update(quiet)
+        return sorted(quiet)
+
+    @staticmethod
+    def describe(stuck: list, stacks: dict) -> str:
+        parts = [f"--- rank {rank}: Python stacks (most recent call first) ---\n{stacks[rank]}" for rank in stuck]
+        return "\n".join(parts)

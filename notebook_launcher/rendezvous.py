@@ -29,6 +29,7 @@ class Rendezvous:
     world_size: int
     run_id: str
     restart_count: int = 0
+    max_restarts: int = 0
     store: Optional[dist.TCPStore] = field(default=None, repr=False)
 
     def worker_env(self, rank: int, local_rank: int, local_world_size: int, group_rank: int) -> dict:
@@ -47,7 +48,7 @@ class Rendezvous:
             "ROLE_NAME": "default",
             "TORCHELASTIC_RUN_ID": self.run_id,
             "TORCHELASTIC_RESTART_COUNT": str(self.restart_count),
-            "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_MAX_RESTARTS": str(self.max_restarts),
             "TORCHELASTIC_USE_AGENT_STORE": "True",
         }
 
@@ -62,6 +63,7 @@ def host_store(
     port: Optional[int] = None,
     bind_all: bool = False,
     restart_count: int = 0,
+    max_restarts: int = 0,
     run_id: Optional[str] = None,
     timeout: float = 300.0,
 ) -> Rendezvous:
@@ -95,6 +97,7 @@ def host_store(
         world_size=world_size,
         run_id=run_id or uuid.uuid4().hex[:12],
         restart_count=restart_count,
+        max_restarts=max_restarts,
         store=store,
     )
 

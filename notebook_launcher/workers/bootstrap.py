@@ -29,6 +29,9 @@ from typing import Any, Callable, Optional
 from .. import channel as ch
 from ..serialization import dumps_result, loads_task
 from . import context
+from .stacks import register_dump_handler
+
+HEARTBEAT_INTERVAL = 1.0  # seconds between looks at the main thread's stack
 
 PR_SET_PDEATHSIG = 1
 
@@ -90,6 +93,8 @@ class WorkerSpec:
     task: Optional[Task] = None     # fork: the task itself, never pickled
     task_blob: Optional[bytes] = None  # spawn: the task pickled with dill
     notebook_sources: dict = field(default_factory=dict)  # spawn: linecache entries of notebook cells
+    stack_file: Optional[str] = None       # where faulthandler dumps this worker's stacks on SIGUSR1
+    rdzv_timeout: Optional[float] = None   # multi-node: how long to wait for every rank to arrive
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -100,6 +105,8 @@ def worker_main(spec: WorkerSpec) -> None:
         _own_descriptors(spec)
         channel = ch.WorkerChannel(spec.fds.events)
         _watch_parent(spec.fds.control)
+        if spec.stack_file:
+            register_dump_handler(spec.stack_file)
         code = _serve(spec, channel)
     finally:
         _flush_std_streams()
@@ -173,6 +180,32 @@ def _watch_parent(control_fd: int) -> None:
     threading.Thread(target=watch, name="notebook_launcher-watchdog", daemon=True).start()
 
 
+def _start_heartbeat(channel: ch.WorkerChannel) -> None:
+    """Beat while the main thread's Python stack moves; a rank blocked in one call (a
+    collective that a peer never joins) goes quiet, which is what stall detection sees."""
+    main = threading.main_thread().ident
+
+    def beat() -> None:
+        last = None
+        while True:
+            time.sleep(HEARTBEAT_INTERVAL)
+            frame = sys._current_frames().get(main)
+            where = _stack_signature(frame)
+            if where != last:
+                channel.post(ch.HEARTBEAT, {"t": time.monotonic()})
+                last = where
+
+    threading.Thread(target=beat, name="notebook_launcher-heartbeat", daemon=True).start()
+
+
+def _stack_signature(frame) -> tuple:
+    signature = []
+    while frame is not None:
+        signature.append((id(frame), frame.f_lasti))
+        frame = frame.f_back
+    return tuple(signature)
+
+
 def _flush_std_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -187,6 +220,7 @@ def _serve(spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     try:
         task = _prepare(spec, channel)
         channel.send(ch.READY, {"pid": os.getpid(), "backend": spec.backend, "device": spec.device})
+        _start_heartbeat(channel)
         value = task.function(*task.args, **task.kwargs)
     except SystemExit as exc:
         if exc.code in (None, 0):
@@ -243,8 +277,10 @@ def _pin_cuda_device(torch, local_rank: int) -> None:
 def _init_process_group(spec: WorkerSpec) -> None:
     import torch.distributed as dist
 
-    from .process_group import init_default_group
+    from .process_group import init_default_group, wait_for_every_rank
 
+    if spec.rdzv_timeout is not None:
+        wait_for_every_rank(spec.world_size, spec.rdzv_timeout)
     init_default_group(dist, spec.backend, spec.rank, spec.world_size, spec.device)
 
 

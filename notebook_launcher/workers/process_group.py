@@ -9,7 +9,12 @@ group we made is a no-op, a call asking for another backend replaces our group.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import os
+
+ARRIVED_KEY = "notebook_launcher/arrived"
+ALL_ARRIVED_KEY = "notebook_launcher/all_arrived"
 
 
 def init_default_group(dist, backend: str, rank: int, world_size: int, device: str) -> None:
@@ -37,3 +42,34 @@ def _compatible(kwargs: dict) -> bool:
     # asked for explicitly (a store, a file:// init method) gets a group of its own.
     init_method = kwargs.get("init_method")
     return kwargs.get("store") is None and init_method in (None, "env://")
+
+
+def wait_for_every_rank(world_size: int, timeout: float) -> None:
+    """Multi-node: meet every other rank on node 0's store, or fail clearly after ``timeout``.
+
+    torch's own rendezvous would wait for the default 30 minutes and then report a
+    store timeout; a node that never started should instead be named as such.
+    """
+    import torch.distributed as dist
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    limit = datetime.timedelta(seconds=timeout)
+    try:
+        store = dist.TCPStore(addr, port, None, False, timeout=limit)
+    except (RuntimeError, dist.DistError) as exc:
+        raise TimeoutError(
+            f"could not reach the rendezvous store of node 0 at {addr}:{port} within "
+            f"rdzv_timeout={timeout:g}s. Is node 0's launch running, with the same use_port, "
+            f"and is {addr} reachable from here? ({exc})"
+        ) from None
+    if store.add(ARRIVED_KEY, 1) == world_size:
+        store.set(ALL_ARRIVED_KEY, "1")
+    try:
+        store.wait([ALL_ARRIVED_KEY], limit)
+    except (RuntimeError, dist.DistError):
+        arrived = store.add(ARRIVED_KEY, 0)
+        raise TimeoutError(
+            f"only {arrived} of {world_size} ranks arrived within rdzv_timeout={timeout:g}s: "
+            "a node is missing. Run the same call on every node with its own node_rank "
+            "(0 .. num_nodes-1) and the same num_nodes, num_processes, master_addr and use_port."
+        ) from None

@@ -1,0 +1,99 @@
+"""Python stacks of live workers, for showing where a hung rank is stuck.
+
+Each worker registers `faulthandler` on SIGUSR1 with its own file: faulthandler runs in
+C inside the signal handler, so it answers even when the main thread is blocked in a
+collective and holds no GIL-visible state. The parent truncates the file, sends the
+signal, reads the dump back and adds the source lines (notebook cells included: in the
+kernel, linecache knows them).
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+
+DUMP_SIGNAL = signal.SIGUSR1
+_FRAME = re.compile(r'^(\s*)File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>.*)$')
+
+
+def register_dump_handler(path: str) -> None:
+    """Worker side: dump every thread's stack into ``path`` on SIGUSR1."""
+    import faulthandler
+
+    stream = open(path, "w")  # kept open for the life of the worker, as faulthandler requires
+    faulthandler.register(DUMP_SIGNAL, file=stream, all_threads=True, chain=False)
+
+
+class StackDumps:
+    """Parent side: one dump file per rank in a private temporary folder."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="notebook_launcher-stacks-")
+
+    def path(self, rank: int) -> str:
+        return os.path.join(self.folder, f"rank{rank}.txt")
+
+    def dump(self, rank: int, pid: int, timeout: float = 1.0) -> str:
+        """Ask the worker for its stacks and return them with source lines, or a reason."""
+        path = self.path(rank)
+        try:
+            open(path, "w").close()
+            os.kill(pid, DUMP_SIGNAL)
+        except OSError as exc:
+            return f"(no stack: {exc.strerror})"
+        text, deadline = "", time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            current = _read(path)
+            if current and current == text:  # stopped growing: the dump is complete
+                break
+            text = current
+        return with_source_lines(tidy(text)) if text else "(no stack: the worker did not answer)"
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OUR_THREADS = ("_flush_loop", "beat", "watch")  # the launcher's own helper threads in a worker
+
+
+def tidy(dump: str) -> str:
+    """Keep what matters to the user: their threads, and frames above our bootstrap."""
+    blocks = [b for b in re.split(r"\n(?=(?:Current thread|Thread) 0x)", dump.strip()) if b.strip()]
+    kept = []
+    for block in blocks:
+        lines = block.splitlines()
+        frames = [m for m in map(_FRAME.match, lines[1:]) if m]
+        if any(m["file"].startswith(_PACKAGE_DIR) and m["func"] in _OUR_THREADS for m in frames):
+            continue  # a helper thread of ours
+        cut = next((i for i, line in enumerate(lines) if (m := _FRAME.match(line))
+                    and m["file"].startswith(_PACKAGE_DIR) and m["func"] == "_serve"), len(lines))
+        kept.append("\n".join(lines[:cut]))
+    return "\n\n".join(kept)
+
+
+def with_source_lines(dump: str) -> str:
+    """Add the source line under each ``File "...", line N in f`` of a faulthandler dump."""
+    out = []
+    for line in dump.splitlines():
+        out.append(line)
+        match = _FRAME.match(line)
+        if match:
+            source = linecache.getline(match["file"], int(match["line"])).strip()
+            if source:
+                out.append(f"{match.group(1)}    {source}")
+    return "\n".join(out)
