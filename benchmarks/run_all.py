@@ -1,0 +1,208 @@
+"""Benchmarks of notebook_launcher side by side with accelerate, Lightning and bare torch.
+
+    python benchmarks/run_all.py                 # full run (about 10 minutes on 2 cores)
+    python benchmarks/run_all.py --quick         # 1 repetition, small sizes (a smoke run)
+    python benchmarks/run_all.py --repeats 9 --rows launch --where kernel
+
+Every launcher runs in hosts of its own (a plain Python process and a real Jupyter
+kernel per launcher family); every case runs once per round, in a shuffled order, after
+one warm-up round that is not counted (imports, first fork of a big process). The
+table shows medians and the ratios the targets are about. Every process started here
+is stopped before the script exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks import cases, table  # noqa: E402
+from benchmarks.kernel_runner import KernelRunner  # noqa: E402
+from benchmarks.process_runner import ProcessRunner  # noqa: E402
+
+ROWS = ("launch", "failure", "throughput", "report", "return")
+WHERES = ("plain", "kernel")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 5, 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 processes, small sizes")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--where", default=",".join(WHERES), help="plain, kernel or both")
+    parser.add_argument("--nprocs", default=None, help="process counts for the launch row (default 2,4)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per throughput run (default 400)")
+    parser.add_argument("--state-mb", type=float, default=None, help="size of the returned state_dict (default 100)")
+    parser.add_argument("--report-calls", type=int, default=None, help="report() calls timed per run (default 50000)")
+    parser.add_argument("--no-warmup", action="store_true", help="count the first round too")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled case order")
+    parser.add_argument("--json", default=None, help="also write every raw measurement to this file")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.repeats = args.repeats if args.repeats is not None else (1 if quick else 5)
+    args.rows = _subset(args.rows, ROWS, "--rows")
+    args.where = _subset(args.where, WHERES, "--where")
+    args.nprocs = [int(n) for n in (args.nprocs or ("2" if quick else "2,4")).split(",")]
+    args.steps = args.steps or (40 if quick else 400)
+    args.state_mb = args.state_mb or (20.0 if quick else 100.0)
+    args.report_calls = args.report_calls or (5000 if quick else 50000)
+    return args
+
+
+def _subset(text: str, allowed: tuple, option: str) -> list:
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"{option}: choose from {', '.join(allowed)} (got {text!r})")
+    return [item for item in allowed if item in chosen]
+
+
+def machine() -> str:
+    """One paragraph describing where the numbers come from."""
+    import psutil
+    import torch
+
+    versions = []
+    for module in ("torch", "accelerate", "lightning", "ipykernel", "notebook_launcher"):
+        try:
+            versions.append(f"{module} {__import__(module).__version__}")
+        except Exception:
+            versions.append(f"{module} (not installed)")
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"{', '.join(versions)}, {torch.get_num_threads()} torch threads, "
+            f"cuda available: {torch.cuda.is_available()} (benchmarks use CPU/gloo)")
+
+
+def start_hosts(families: set, wheres: list) -> dict:
+    """One host per (where, family), set up in parallel; {(where, family): runner}."""
+    hosts, errors = {}, []
+    lock = threading.Lock()
+
+    def start(where: str, family: str) -> None:
+        try:
+            runner = KernelRunner(family) if where == "kernel" else ProcessRunner(family)
+            with lock:
+                hosts[(where, family)] = runner
+            output = runner.execute(cases.setup_code(), timeout=180)
+            if not output.ok:
+                raise RuntimeError(output.error)
+        except Exception as exc:
+            with lock:
+                errors.append(f"{where}/{family}: {exc}")
+
+    threads = [threading.Thread(target=start, args=(w, f)) for w in wheres for f in sorted(families)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        close_hosts(hosts)
+        raise RuntimeError("could not start the benchmark hosts:\n" + "\n".join(errors))
+    return hosts
+
+
+def close_hosts(hosts: dict) -> None:
+    for runner in hosts.values():
+        try:
+            runner.close()
+        except Exception as exc:  # keep closing the others
+            print(f"closing {runner.name}: {exc}", file=sys.stderr)
+
+
+def run_rounds(case_list: list, hosts: dict, repeats: int, warmup: bool, seed: int) -> table.Results:
+    results = table.Results()
+    rng = random.Random(seed)
+    rounds = repeats + (1 if warmup else 0)
+    for index in range(rounds):
+        counted = not warmup or index > 0
+        order = list(case_list)
+        rng.shuffle(order)
+        started = time.monotonic()
+        for case in order:
+            runner = hosts[(case.where, case.family)]
+            try:
+                output = runner.execute(case.code, timeout=case.timeout)
+                if not output.ok:
+                    raise RuntimeError(output.error.strip().splitlines()[-1] if output.error else "failed")
+                value = cases.parse(output.stdout)
+            except Exception as exc:
+                if counted:
+                    results.fail(case.key, f"{type(exc).__name__}: {exc}")
+                print(f"  {case.key}: {exc}", file=sys.stderr)
+                continue
+            if counted:
+                results.add(case.key, value)
+        what = "warm-up round" if not counted else f"round {index + (0 if warmup else 1)} of {repeats}"
+        print(f"{what}: {len(order)} cases in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    return results
+
+
+def leftover_processes() -> list:
+    import psutil
+
+    def alive(p):
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while True:
+        left = [p for p in psutil.Process().children(recursive=True) if alive(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    case_list = cases.build(args.rows, args.where, args.nprocs, args.steps, args.state_mb, args.report_calls)
+    families = {case.family for case in case_list}
+    print(f"notebook_launcher benchmarks: {len(case_list)} cases x {args.repeats} rounds"
+          f"{'' if args.no_warmup else ' (+1 warm-up)'}", file=sys.stderr, flush=True)
+    hosts = start_hosts(families, args.where)
+    try:
+        results = run_rounds(case_list, hosts, args.repeats, not args.no_warmup, args.seed)
+    finally:
+        close_hosts(hosts)
+    left = leftover_processes()
+    targets: list = []
+    print(f"Machine: {machine()}")
+    print(f"Medians of {args.repeats} rounds{'' if args.no_warmup else ' after 1 warm-up round'}; "
+          f"cases shuffled in each round; launch row on CPU with gloo.")
+    print(table.render(results, args.rows, args.where, args.nprocs, args.state_mb, targets))
+    print("\nTargets: " + "; ".join(f"{name}: {verdict}" for name, verdict in targets))
+    if results.errors:
+        print("\nErrors:")
+        for key, errors in sorted(results.errors.items()):
+            print(f"  {'/'.join(map(str, key))}: {len(errors)}x {errors[-1][:300]}")
+    if left:
+        print(f"\nLEFT BEHIND: {[(p.pid, p.name()) for p in left]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "args": vars(args),
+                       "samples": [[list(k), v] for k, v in results.samples.items()],
+                       "errors": [[list(k), v] for k, v in results.errors.items()]}, f, indent=1)
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
