@@ -232,6 +232,7 @@ def _serve(spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
         _report_error(channel, exc)
         return 1
     try:
+        _finish_together()
         _send_result(spec, channel, value)
     except BaseException as exc:
         _report_error(channel, exc)
@@ -282,6 +283,15 @@ def _init_process_group(spec: WorkerSpec) -> None:
     if spec.rdzv_timeout is not None:
         wait_for_every_rank(spec.world_size, spec.rdzv_timeout)
     init_default_group(dist, spec.backend, spec.rank, spec.world_size, spec.device)
+
+
+def _finish_together() -> None:
+    """Wait for every rank before leaving: a rank that exits while a peer is still
+    connecting (a function with no collective returns at once) breaks the peer's setup."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _destroy_process_group() -> None:

@@ -1,0 +1,273 @@
+"""The fault matrix: each failure in a real kernel, each asserting the cell ends within a
+bound, the right rank and cause are named, nothing is left running, and the next launch works."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import threading
+import time
+
+import pytest
+
+from kernel_harness import Kernel
+
+STARTUP = textwrap.dedent("""
+    import os, sys, time, signal
+    import torch, torch.distributed as dist
+    from notebook_launcher import notebook_launcher, WorkerError
+
+    def outcome(fn, **kw):
+        t0 = time.monotonic()
+        try:
+            value = notebook_launcher(fn, num_processes=2, display="none", **kw)
+            print("OK", repr(value)[:200], "SECONDS", round(time.monotonic() - t0, 2))
+        except WorkerError as err:
+            print("RANK", err.rank, "EXIT", err.exitcode, "SIGNAL", err.signal,
+                  "SECONDS", round(time.monotonic() - t0, 2))
+            print("MSG", str(err).splitlines()[0])
+            print("TB", err.remote_traceback)
+""")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    with Kernel(startup=STARTUP) as k:
+        yield k
+
+
+def run(kernel: Kernel, code: str, timeout: float = 90):
+    result = kernel.run(textwrap.dedent(code), timeout=timeout)
+    left = kernel.wait_no_descendants(timeout=3)
+    assert left == [], f"left behind: {[p.cmdline() for p in left]}"
+    return result
+
+
+def seconds(result) -> float:
+    return float(re.search(r"SECONDS ([\d.]+)", result.stdout).group(1))
+
+
+def next_launch_works(kernel: Kernel) -> None:
+    result = run(kernel, "outcome(lambda: dist.get_world_size() + 40)")
+    assert "OK 42" in result.stdout, result.text
+
+
+@pytest.mark.parametrize("where, expected_rank", [("0", 0), ("1", 1)])
+def test_raise_on_one_rank(kernel, where, expected_rank):
+    result = run(kernel, f"""
+        def fails():
+            if dist.get_rank() == {where}:
+                raise ValueError("rank {where} is broken")
+            dist.barrier()
+            time.sleep(30)
+        outcome(fails)
+    """)
+    assert f"RANK {expected_rank} EXIT 1" in result.stdout, result.text
+    assert f"MSG rank {expected_rank} failed: ValueError: rank {where} is broken" in result.stdout
+    assert seconds(result) < 2.5
+    next_launch_works(kernel)
+
+
+def test_raise_on_all_ranks_names_one_of_them_and_lists_the_rest(kernel):
+    result = run(kernel, """
+        def all_fail():
+            raise RuntimeError(f"everyone fails, rank {dist.get_rank()}")
+        try:
+            notebook_launcher(all_fail, num_processes=2, display="none")
+        except WorkerError as err:
+            print("RANK", err.rank, "OTHERS", sorted(r for r in err.details if r != err.rank))
+    """)
+    match = re.search(r"RANK (\d) OTHERS \[(\d)\]", result.stdout)
+    assert match and {match.group(1), match.group(2)} == {"0", "1"}, result.text
+
+
+def test_sys_exit_3_on_one_rank(kernel):
+    result = run(kernel, """
+        def exits():
+            if dist.get_rank() == 1:
+                sys.exit(3)
+            time.sleep(30)
+        outcome(exits)
+    """)
+    assert "RANK 1 EXIT 3 SIGNAL None" in result.stdout, result.text
+    assert seconds(result) < 2.5
+
+
+def test_os_exit_on_one_rank(kernel):
+    result = run(kernel, """
+        def hard_exit():
+            if dist.get_rank() == 0:
+                os._exit(7)
+            time.sleep(30)
+        outcome(hard_exit)
+    """)
+    assert "RANK 0 EXIT 7 SIGNAL None" in result.stdout, result.text
+    assert "MSG rank 0 failed: exited with code 7" in result.stdout
+
+
+@pytest.mark.parametrize("sig, name", [("SIGKILL", "SIGKILL"), ("SIGSEGV", "SIGSEGV")])
+def test_killed_by_a_signal(kernel, sig, name):
+    result = run(kernel, f"""
+        def killed():
+            if dist.get_rank() == 1:
+                time.sleep(0.1)
+                os.kill(os.getpid(), signal.{sig})
+            dist.all_reduce(torch.ones(1))   # rank 0 loses its peer here: not the root cause
+            time.sleep(30)
+        outcome(killed)
+    """)
+    assert f"MSG rank 1 failed: killed by {name}" in result.stdout, result.text
+    assert seconds(result) < 2.5
+    next_launch_works(kernel)
+
+
+def test_hang_in_a_collective_is_found_with_stacks(kernel):
+    result = run(kernel, """
+        def never_joins():
+            if dist.get_rank() == 0:
+                dist.all_reduce(torch.ones(1))     # waits forever for rank 1
+            else:
+                time.sleep(3600)                   # rank 1 never joins
+        outcome(never_joins, stall_timeout=2, on_stall="raise")
+    """)
+    out = result.stdout
+    assert "RANK 1" in out and "no progress for 2s (stall_timeout) on rank 0, rank 1" in out, result.text
+    assert "time.sleep(3600)                   # rank 1 never joins" in out
+    assert "dist.all_reduce(torch.ones(1))     # waits forever for rank 1" in out
+    assert "in all_reduce" in out
+    assert seconds(result) < 8
+
+
+def test_stall_warning_keeps_the_run_going(kernel):
+    result = run(kernel, """
+        def slow_then_done():
+            time.sleep(3.5)
+            return "finished"
+        outcome(slow_then_done, stall_timeout=1.5, on_stall="warn")
+    """)
+    assert "OK 'finished'" in result.stdout, result.text
+    assert "no progress for 1.5s (stall_timeout)" in result.stderr
+    assert "time.sleep(3.5)" in result.stderr
+
+
+def test_unpicklable_and_huge_return_values(kernel):
+    result = run(kernel, """
+        outcome(lambda: (x for x in range(3)))
+        def big():
+            return torch.ones(50 * 1024 * 1024)    # 200 MB of float32
+        t0 = time.monotonic()
+        value = notebook_launcher(big, num_processes=2, display="none")
+        print("BIG", value.numel() * 4 // 2**20, "MB", "SUM", int(value.sum()), "IN", round(time.monotonic() - t0, 2))
+    """, timeout=120)
+    assert "could not be pickled" in result.stdout, result.text
+    match = re.search(r"BIG 200 MB SUM 52428800 IN ([\d.]+)", result.stdout)
+    assert match, result.text
+    assert float(match.group(1)) < 10
+
+
+def test_dataloader_workers_die_with_a_failing_rank(kernel):
+    result = run(kernel, """
+        from torch.utils.data import DataLoader, TensorDataset
+        def loader_then_fail():
+            data = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=2,
+                              persistent_workers=True)
+            for i, _ in enumerate(data):
+                if i == 3 and dist.get_rank() == 1:
+                    raise RuntimeError("failed while DataLoader workers run")
+            time.sleep(30)
+        outcome(loader_then_fail)
+    """)
+    assert "MSG rank 1 failed: RuntimeError: failed while DataLoader workers run" in result.stdout, result.text
+    next_launch_works(kernel)
+
+
+def test_twenty_launches_back_to_back_leak_nothing(kernel):
+    result = run(kernel, """
+        import psutil
+        me = psutil.Process()
+        fds_before = me.num_fds()
+        values = [notebook_launcher(lambda: dist.get_rank() + 1, num_processes=2, display="none") for _ in range(20)]
+        print("VALUES", values, "FD_GROWTH", max(0, me.num_fds() - fds_before))
+    """, timeout=120)
+    assert "VALUES [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1] FD_GROWTH 0" in result.stdout, result.text
+
+
+def test_100k_output_lines_arrive_whole(kernel):
+    result = run(kernel, """
+        def chatty():
+            for i in range(50_000):
+                print(f"line {i}")
+        outcome(chatty)
+    """, timeout=120)
+    lines = [l for l in result.stdout.splitlines() if l.startswith("[rank")]
+    assert len(lines) == 100_000
+    assert all(re.fullmatch(r"\[rank[01]\]: line \d+", l) for l in lines)
+    assert "OK None" in result.stdout
+
+
+def test_interrupt_during_rendezvous(kernel):
+    pressed = []
+
+    def press_when_launched(partial):
+        if "Launching" in partial.stdout and not pressed:
+            time.sleep(0.5)  # workers are now waiting for a node that never comes
+            pressed.append(time.monotonic())
+            kernel.interrupt()
+
+    result = kernel.run(textwrap.dedent("""
+        import socket
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        notebook_launcher(lambda: 1, num_processes=2, num_nodes=2, node_rank=0, use_port=port)
+    """), timeout=60, on_output=press_when_launched)
+    assert result.ename == "KeyboardInterrupt", result.text
+    assert time.monotonic() - pressed[0] < 3
+    assert kernel.wait_no_descendants(timeout=3) == []
+    next_launch_works(kernel)
+
+
+def test_interrupt_during_teardown_still_cleans_up(kernel):
+    pressed = []
+
+    def press_during_teardown(partial):
+        if "rank 1 raising" in partial.stdout and not pressed:
+            time.sleep(0.5)  # the supervisor is now waiting out rank 0's SIGTERM grace
+            pressed.append(time.monotonic())
+            kernel.interrupt()
+
+    result = kernel.run(textwrap.dedent("""
+        def stubborn():
+            if dist.get_rank() == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)   # only SIGKILL will do
+                time.sleep(60)
+            print("rank 1 raising", flush=True)
+            time.sleep(0.2)
+            raise ValueError("rank 1 fails")
+        notebook_launcher(stubborn, num_processes=2, display="none")
+    """), timeout=60, on_output=press_during_teardown)
+    assert pressed, result.text
+    assert result.ename in ("KeyboardInterrupt", "WorkerError"), result.text
+    assert time.monotonic() - pressed[0] < 3
+    assert kernel.wait_no_descendants(timeout=3) == []
+    next_launch_works(kernel)
+
+
+def test_two_kernels_launching_at_the_same_time():
+    code = textwrap.dedent("""
+        def total():
+            t = torch.ones(1) * (dist.get_rank() + 1)
+            dist.all_reduce(t)
+            time.sleep(1)
+            return t.item()
+        print("TOTAL", [notebook_launcher(total, num_processes=2, display="none") for _ in range(3)])
+    """)
+    with Kernel(startup=STARTUP) as a, Kernel(startup=STARTUP) as b:
+        results = {}
+        threads = [threading.Thread(target=lambda k=k, n=n: results.__setitem__(n, k.run(code, timeout=90)))
+                   for n, k in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for name in ("a", "b"):
+            assert "TOTAL [3.0, 3.0, 3.0]" in results[name].stdout, results[name].text
+        assert a.wait_no_descendants() == [] and b.wait_no_descendants() == []
