@@ -95,8 +95,8 @@ def notebook_launcher(
         num_nodes, rdzv_backend, max_restarts, monitor_interval, log_line_prefix_template,
         start_method, backend, device, return_all, display, stall_timeout, on_stall, rdzv_timeout,
     )
-    if config.start_method_reason:
-        print(config.start_method_reason, file=sys.stderr)
+    for note in config.notes:
+        print(note, file=sys.stderr)
     if config.display != "none":
         print(_banner(config))
     attempt = 0

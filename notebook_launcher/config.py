@@ -49,6 +49,8 @@ class LaunchConfig:
     on_stall: str                   # "warn" | "raise"
     rdzv_timeout: float             # multi-node: seconds to wait for every rank to arrive
     environment: environment.Environment = field(repr=False)
+    extra_env: dict = field(default_factory=dict)  # set in every worker (e.g. NCCL quirks)
+    notes: tuple = ()                              # one-line messages for the person, printed at launch
 
     @property
     def world_size(self) -> int:
@@ -103,7 +105,10 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
     backend = _backend(backend, device_type)
     if mixed_precision == "fp16" and device_type == "cpu":
         pass  # CPU autocast supports fp16 since torch 2.3; the toolkit checks the op coverage
+    if mixed_precision == "bf16" and device_type == "cuda":
+        _check_bf16(env)
     method, reason = _start_method(start_method, env, device_type)
+    extra_env, notes = _gpu_quirks(env, device_type, nproc, method)
     args, kwargs = tuple(args), dict(kwargs or {})
     if method == "spawn":
         _check_sendable(function, args, kwargs)
@@ -116,6 +121,7 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
         line_prefix=log_line_prefix_template or "[rank${rank}]: ",
         num_threads=_threads_per_worker(env, nproc), stall_timeout=stall_timeout,
         on_stall=on_stall, rdzv_timeout=rdzv_timeout, environment=env,
+        extra_env=extra_env, notes=tuple(n for n in (reason, *notes) if n),
     )
 
 
@@ -210,6 +216,35 @@ def _start_method(asked: str, env: environment.Environment, device_type: str) ->
     if not can_fork:
         return "spawn", ""
     return "fork", ""
+
+
+def _check_bf16(env: environment.Environment) -> None:
+    lacking = [g for g in env.gpus if not g.has_bf16]
+    if lacking:
+        names = ", ".join(sorted({f"{g.name} (compute capability {g.compute_capability:g})" for g in lacking}))
+        raise LaunchConfigError(
+            f"mixed_precision='bf16' needs GPUs of compute capability 8.0 or newer (Ampere+); "
+            f"this machine has {names}. Use mixed_precision='fp16' instead."
+        )
+
+
+def _gpu_quirks(env: environment.Environment, device_type: str, nproc: int, method: str) -> tuple:
+    """Environment fixes the peers learned the hard way, applied only when needed."""
+    extra, notes = {}, []
+    if device_type != "cuda":
+        return extra, notes
+    if nproc > 1 and environment.p2p_supported() is False:
+        for key in ("NCCL_P2P_DISABLE", "NCCL_IB_DISABLE"):
+            if key not in os.environ:
+                extra[key] = "1"
+        if extra:
+            notes.append("These GPUs cannot talk peer-to-peer (e.g. Kaggle's 2x T4, consumer cards): "
+                         "setting NCCL_P2P_DISABLE=1 and NCCL_IB_DISABLE=1 for the workers.")
+    imported = environment.cuda_libraries_imported()
+    if method == "fork" and imported:
+        notes.append(f"Warning: {', '.join(imported)} may have initialized CUDA when imported here; if the "
+                     "workers fail to use the GPU, import it inside the function or use start_method='spawn'.")
+    return extra, notes
 
 
 def _check_sendable(function: Callable, args: tuple, kwargs: dict) -> None:

@@ -94,6 +94,7 @@ def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous, stacks: Sta
         "OMP_NUM_THREADS": str(config.num_threads),
         "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
         "NOTEBOOK_LAUNCHER_MIXED_PRECISION": config.mixed_precision,
+        **config.extra_env,
     }
     if config.device_type == "cpu":
         common_env["ACCELERATE_USE_CPU"] = "true"  # HF accelerate then sees MULTI_CPU, not one process

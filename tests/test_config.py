@@ -114,3 +114,38 @@ def test_calling_the_launcher_from_inside_a_worker_is_refused():
 
     message = notebook_launcher(nested, num_processes=1, display="none")
     assert "called from inside a launched worker" in message
+
+
+def test_bf16_is_refused_on_gpus_without_it():
+    from notebook_launcher.environment import GpuInfo
+
+    t4s = Environment(gpu_count=2, cuda_initialized=False, platform="kaggle", cpu_count=4,
+                      gpus=(GpuInfo("Tesla T4", 7.5), GpuInfo("Tesla T4", 7.5)))
+    with pytest.raises(LaunchConfigError, match=r"Tesla T4 \(compute capability 7.5\).*mixed_precision='fp16'"):
+        cfg._check_bf16(t4s)
+    cfg._check_bf16(Environment(1, False, "python", 8, gpus=(GpuInfo("NVIDIA H100", 9.0),)))
+
+
+def test_gpus_without_peer_to_peer_get_nccl_p2p_disabled(monkeypatch):
+    from notebook_launcher import environment
+
+    monkeypatch.setattr(environment, "p2p_supported", lambda: False)
+    monkeypatch.delenv("NCCL_P2P_DISABLE", raising=False)
+    monkeypatch.delenv("NCCL_IB_DISABLE", raising=False)
+    env = Environment(gpu_count=2, cuda_initialized=False, platform="kaggle", cpu_count=4)
+    extra, notes = cfg._gpu_quirks(env, "cuda", 2, "fork")
+    assert extra == {"NCCL_P2P_DISABLE": "1", "NCCL_IB_DISABLE": "1"} and "peer-to-peer" in notes[0]
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "0")  # the person's own choice wins
+    assert cfg._gpu_quirks(env, "cuda", 2, "fork")[0] == {"NCCL_IB_DISABLE": "1"}
+    monkeypatch.setattr(environment, "p2p_supported", lambda: True)
+    assert cfg._gpu_quirks(env, "cuda", 2, "fork") == ({}, [])
+    assert cfg._gpu_quirks(env, "cpu", 2, "fork") == ({}, [])
+
+
+def test_p2p_matrix_from_nvidia_smi():
+    from notebook_launcher.environment import parse_p2p_matrix
+
+    matrix = "        GPU0    GPU1\n GPU0   X       {v}\n GPU1   {v}      X\n\nLegend:\n  NS   = Not supported\n"
+    assert parse_p2p_matrix(matrix.format(v="NS")) is False
+    assert parse_p2p_matrix(matrix.format(v="OK")) is True
+    assert parse_p2p_matrix("") is None
