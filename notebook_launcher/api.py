@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Optional
 
-from .config import resolve
+from .config import endpoint, resolve
 from .errors import WorkerError
 from .launcher import run_attempt
 from .ui import make_view
@@ -54,6 +54,7 @@ def notebook_launcher(
             inside the workers.
         use_port: rendezvous port. None: a free port chosen by the system.
         master_addr, node_rank, num_nodes: where node 0 is, and which node this is.
+        rdzv_endpoint: "host:port" of node 0's store; overrides master_addr and use_port.
         max_restarts: restart every worker up to this many times after a failure.
         monitor_interval: seconds between checks of the workers when nothing happens.
         log_line_prefix_template: prefix of each output line, e.g. "[${rank}]: ".
@@ -89,7 +90,8 @@ def notebook_launcher(
 
         notebook_launcher(total, args=(10,), num_processes=2)   # -> 30
     """
-    del rdzv_endpoint, rdzv_conf, rdzv_id  # accepted for accelerate compatibility; static rendezvous
+    del rdzv_conf, rdzv_id  # accepted for accelerate compatibility: node ranks are given, not negotiated
+    master_addr, use_port = endpoint(rdzv_endpoint, master_addr, use_port)
     config = resolve(
         function, args, kwargs, num_processes, mixed_precision, use_port, master_addr, node_rank,
         num_nodes, rdzv_backend, max_restarts, monitor_interval, log_line_prefix_template,

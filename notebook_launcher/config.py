@@ -125,6 +125,16 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
     )
 
 
+def endpoint(rdzv_endpoint: Any, master_addr: Any, use_port: Any) -> tuple:
+    """(master_addr, use_port), taken from ``rdzv_endpoint="host:port"`` when it is given."""
+    if not rdzv_endpoint:
+        return master_addr, use_port
+    host, sep, port = str(rdzv_endpoint).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LaunchConfigError(f"rdzv_endpoint must look like 'host:port', got {rdzv_endpoint!r}.")
+    return host.strip("[]"), int(port)
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> str:
     if value not in allowed:
         raise LaunchConfigError(f"unknown {name}={value!r}: choose one of {', '.join(map(repr, allowed))}.")

@@ -149,3 +149,11 @@ def test_p2p_matrix_from_nvidia_smi():
     assert parse_p2p_matrix(matrix.format(v="NS")) is False
     assert parse_p2p_matrix(matrix.format(v="OK")) is True
     assert parse_p2p_matrix("") is None
+
+
+def test_rdzv_endpoint_gives_the_store_address():
+    assert cfg.endpoint("10.0.0.5:29400", "127.0.0.1", None) == ("10.0.0.5", 29400)
+    assert cfg.endpoint("[::1]:29400", "127.0.0.1", None) == ("::1", 29400)
+    assert cfg.endpoint("", "127.0.0.1", 1234) == ("127.0.0.1", 1234)
+    with pytest.raises(LaunchConfigError, match="host:port"):
+        cfg.endpoint("nohost", "127.0.0.1", None)
