@@ -1,25 +1,161 @@
-"""Command line: ``python -m notebook_launcher demo``."""
+"""Command line: ``python -m notebook_launcher env | test | demo``.
+
+- ``env``: what this machine offers (torch, CUDA, GPUs, NCCL, peer-to-peer, Colab/Kaggle,
+  whether the widgets dashboard can render), without initializing CUDA.
+- ``test``: a real 2-process launch (or one worker per GPU) checking all_reduce,
+  all_gather and broadcast; the exit status is 0 on success, 1 on failure.
+- ``demo``: a short training with the text dashboard (the README's main job).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m notebook_launcher", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m notebook_launcher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="a short CPU (or GPU) training launched through the library")
     demo.add_argument("-n", "--num-processes", type=int, default=2)
     demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--display", default="text", choices=["text", "none", "auto"])
+    env = commands.add_parser("env", help="torch, CUDA, GPUs, NCCL, P2P, Colab/Kaggle, widgets (CUDA stays uninitialized)")
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    test = commands.add_parser("test", help="a real multi-process launch checking all_reduce; exit status 0 = pass")
+    test.add_argument("-n", "--num-processes", type=int, default=None,
+                      help="workers (default: one per GPU when there are 2 or more, else 2 CPU workers)")
+    test.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    test.add_argument("--size-mib", type=float, default=8.0, help="all_reduce size for the timing (MiB)")
+    test.add_argument("--timeout", type=float, default=120.0,
+                      help="seconds a rank may stay stuck (e.g. in a collective) before the test fails")
+    test.add_argument("--display", default="none", choices=["text", "none", "auto"])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         result = demo_main(num_processes=args.num_processes, epochs=args.epochs, display=args.display)
         return 0 if result["test_accuracy"] > 0.8 else 1
+    if args.command == "env":
+        return env_command(args.json)
+    if args.command == "test":
+        return test_command(args.num_processes, args.device, args.size_mib, args.timeout, args.display)
     return 2
+
+
+# ----------------------------------------------------------------- env
+def env_command(as_json: bool = False) -> int:
+    from .diagnostics import collect
+
+    report = collect()
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def format_report(report) -> str:
+    """The ``env`` report as aligned ``key: value`` lines."""
+    gpus = report.gpus
+    rows = [
+        ("python", f"{report.python} on {report.os}"),
+        ("running in", report.platform),
+        ("CPUs", str(report.cpu_count)),
+        ("torch", report.torch + (f" (CUDA {report.torch_cuda})" if report.torch_cuda else " (CPU build)")),
+        ("gloo", "yes" if report.gloo else "no"),
+        ("NCCL", report.nccl or "not available"),
+        ("GPU driver", gpus.driver or ("none found" if not gpus.error else gpus.error)),
+        ("GPUs", _gpu_count_text(report)),
+    ]
+    for gpu in gpus.gpus:
+        memory = f", {gpu.memory_mib / 1024:.0f} GiB" if gpu.memory_mib else ""
+        hidden = "" if gpu.index in gpus.visible else " (hidden by CUDA_VISIBLE_DEVICES)"
+        rows.append((f"  GPU {gpu.index}", f"{gpu.name}{memory}{hidden}"))
+    if report.cuda_visible_devices is not None:
+        rows.append(("CUDA_VISIBLE_DEVICES", repr(report.cuda_visible_devices)))
+    rows += [
+        ("peer-to-peer", gpus.p2p_summary),
+        ("CUDA initialized here", "yes" if report.cuda_initialized else "no"),
+        ("widgets dashboard", report.widgets.verdict),
+        ("  versions", _widget_versions(report.widgets)),
+        ("notebook_launcher(fn)", f"starts {report.default_launch}"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
+    lines += [f"hint: {hint}" for hint in report.hints]
+    return "\n".join(lines)
+
+
+def _gpu_count_text(report) -> str:
+    found = len(report.gpus.gpus)
+    text = f"{report.visible_gpu_count} visible to torch"
+    if found != report.visible_gpu_count:
+        text += f", {found} on the machine (via {report.gpus.source})" if found else ""
+    elif found:
+        text += f" (listed via {report.gpus.source})"
+    return text
+
+
+def _widget_versions(widgets) -> str:
+    names = ("ipywidgets", "jupyterlab_widgets", "widgetsnbextension", "matplotlib")
+    return ", ".join(f"{name} {getattr(widgets, name) or 'missing'}" for name in names)
+
+
+# ----------------------------------------------------------------- test
+def test_command(num_processes, device: str = "auto", size_mib: float = 8.0, timeout: float = 120.0,
+                 display: str = "none") -> int:
+    """Launch `diagnostics.collective_check` on every rank; 0 when every rank passed."""
+    from . import environment
+    from .api import notebook_launcher
+    from .diagnostics import collective_check
+    from .errors import LaunchConfigError, WorkerError
+
+    if num_processes is None:
+        gpus = environment.cuda_device_count() if device != "cpu" else 0
+        num_processes = gpus if gpus >= 2 else 2
+        if device == "auto" and gpus < 2:
+            device = "cpu"   # one GPU cannot host two NCCL ranks; test the launch on CPU instead
+    started = time.monotonic()
+    try:
+        results = notebook_launcher(collective_check, kwargs={"size_mib": size_mib}, num_processes=num_processes,
+                                    device=device, return_all=True, display=display,
+                                    stall_timeout=timeout, on_stall="raise")
+    except LaunchConfigError as exc:
+        print(f"FAIL: cannot launch: {exc}")
+        return 1
+    except WorkerError as exc:
+        print(f"FAIL: {exc}")
+        return 1
+    seconds = time.monotonic() - started
+    return report_test(results, num_processes, seconds)
+
+
+def report_test(results, num_processes: int, seconds: float) -> int:
+    """Print one line per rank and the verdict; 0 = pass."""
+    failures = []
+    if not isinstance(results, list) or len(results) != num_processes:
+        failures.append(f"expected {num_processes} results, got {results!r}")
+        results = results if isinstance(results, list) else []
+    for rank, result in enumerate(results):
+        if not isinstance(result, dict) or result.get("rank") != rank:
+            failures.append(f"rank {rank} returned {result!r}")
+            continue
+        state = "ok" if result["ok"] else "; ".join(result["problems"])
+        print(f"rank {rank} ({result['device']}, {result['backend']}): {state}; all_reduce "
+              f"{result['all_reduce_seconds'] * 1e3:.1f} ms, bus bandwidth {result['bus_gb_per_s']:.2f} GB/s")
+        if not result["ok"] or result["world_size"] != num_processes:
+            failures.append(f"rank {rank}: {state}, world size {result['world_size']}")
+    if failures:
+        print("FAIL: " + " | ".join(failures))
+        return 1
+    first = results[0]
+    print(f"PASS: {num_processes} processes ({first['backend']}) agree on all_reduce, all_gather and "
+          f"broadcast; launch and checks took {seconds:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,412 @@
+"""What `python -m notebook_launcher env` and `... test` look at.
+
+`collect()` gathers facts about this machine as plain data (`Report`); `cli` prints it.
+Nothing here initializes CUDA in this process: GPUs are listed through NVML (the
+driver's management library, loaded with ctypes) or ``nvidia-smi``, never through the
+CUDA runtime, so running ``env`` inside a notebook kernel keeps later forks safe.
+
+`collective_check` is the function that ``test`` launches on every rank: a real
+all_reduce, all_gather and broadcast, with the expected answers checked on each rank.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import platform as _platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from . import environment
+
+NVML_LIBRARY = "libnvidia-ml.so.1"
+NVML_P2P_CAPS_INDEX_READ = 0      # nvmlGpuP2PCapsIndex_t: can one GPU read the other's memory
+NVML_P2P_STATUS_OK = 0
+NVIDIA_SMI_TIMEOUT = 15.0         # seconds; a wedged driver must not hang `env`
+
+
+# ----------------------------------------------------------------- plain data
+@dataclass
+class Gpu:
+    index: int                     # index as NVML counts (all GPUs of the machine)
+    name: str
+    memory_mib: Optional[int] = None
+    uuid: str = ""
+
+
+@dataclass
+class GpuInventory:
+    source: str = "none"           # "nvml" | "nvidia-smi" | "none"
+    driver: str = ""
+    gpus: list = field(default_factory=list)       # every GPU of the machine, [Gpu]
+    visible: list = field(default_factory=list)    # indices this process may use (CUDA_VISIBLE_DEVICES)
+    p2p: dict = field(default_factory=dict)        # "i-j" -> True/False (NVML read capability), visible pairs
+    error: str = ""
+
+    @property
+    def p2p_summary(self) -> str:
+        """"all pairs" | "none" | "3 of 6 pairs" | "n/a (one GPU)" | "unknown"."""
+        if len(self.visible) < 2:
+            return "n/a (fewer than 2 GPUs)"
+        if not self.p2p:
+            return "unknown"
+        good = sum(self.p2p.values())
+        if good == len(self.p2p):
+            return "all pairs"
+        if good == 0:
+            return "none"
+        return f"{good} of {len(self.p2p)} pairs"
+
+
+@dataclass
+class WidgetSupport:
+    ipywidgets: Optional[str]          # installed versions, None = missing
+    jupyterlab_widgets: Optional[str]  # JupyterLab's side of the widgets (prebuilt extension)
+    widgetsnbextension: Optional[str]  # the classic Notebook's side
+    matplotlib: Optional[str]          # draws the loss plot PNG
+    ok: bool
+    verdict: str
+
+
+@dataclass
+class Report:
+    python: str
+    os: str
+    platform: str                  # environment.platform(): colab | kaggle | jupyter | ipython | python
+    cpu_count: int
+    torch: str
+    torch_cuda: Optional[str]      # CUDA version torch was built with; None for CPU builds
+    gloo: bool
+    nccl: Optional[str]            # NCCL version torch ships, None when unavailable
+    cuda_visible_devices: Optional[str]
+    visible_gpu_count: int         # what torch (and so the launcher) sees
+    cuda_initialized: bool         # this process holds a CUDA context (must stay False here)
+    gpus: GpuInventory
+    widgets: WidgetSupport
+    default_launch: str            # what `notebook_launcher(fn)` would start here
+    hints: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------- collection
+def collect() -> Report:
+    """Facts about this machine and Python environment, without initializing CUDA.
+
+    Example::
+
+        report = collect()
+        report.visible_gpu_count, report.gpus.p2p_summary, report.widgets.ok
+    """
+    import torch
+    import torch.distributed as dist
+
+    env = environment.detect()
+    gpus = gpu_inventory()
+    report = Report(
+        python=sys.version.split()[0],
+        os=f"{_platform.system()} {_platform.release()} ({_platform.machine()})",
+        platform=env.platform,
+        cpu_count=env.cpu_count,
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        gloo=dist.is_available() and dist.is_gloo_available(),
+        nccl=nccl_version(),
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        visible_gpu_count=env.gpu_count,
+        cuda_initialized=environment.cuda_initialized(),
+        gpus=gpus,
+        widgets=widget_support(env.platform),
+        default_launch=default_launch(),
+    )
+    report.hints = hints(report)
+    return report
+
+
+def nccl_version() -> Optional[str]:
+    """The NCCL version bundled with torch (a library query: no CUDA context is created)."""
+    try:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_nccl_available()):
+            return None
+        version = torch.cuda.nccl.version()
+    except Exception:
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def gpu_inventory() -> GpuInventory:
+    """GPUs through NVML, else ``nvidia-smi``; an empty inventory on machines without either."""
+    inventory = _from_nvml()
+    if inventory.source == "none":
+        fallback = _from_nvidia_smi()
+        if fallback.source != "none" or not inventory.error:
+            inventory = fallback
+    inventory.visible = visible_indices(inventory.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return inventory
+
+
+def visible_indices(gpus: list, cuda_visible_devices: Optional[str]) -> list:
+    """Indices of ``gpus`` that CUDA_VISIBLE_DEVICES lets a process use, in CUDA's order.
+
+    Entries are indices or UUID prefixes (``GPU-1a2b...``); as in CUDA, the list stops at
+    the first entry that names no GPU.
+
+    Example::
+
+        visible_indices(gpus_of_an_8_gpu_box, "3,1")   # [3, 1]
+    """
+    if cuda_visible_devices is None:
+        return [gpu.index for gpu in gpus]
+    chosen: list = []
+    for entry in cuda_visible_devices.split(","):
+        entry = entry.strip()
+        match = None
+        if entry.isdigit():
+            match = next((g.index for g in gpus if g.index == int(entry)), None)
+        elif entry:
+            match = next((g.index for g in gpus if g.uuid and g.uuid.startswith(entry)), None)
+        if match is None or match in chosen:
+            break
+        chosen.append(match)
+    return chosen
+
+
+def _from_nvml() -> GpuInventory:
+    try:
+        nvml = ctypes.CDLL(NVML_LIBRARY)
+    except OSError:
+        return GpuInventory()
+    if nvml.nvmlInit_v2() != 0:
+        return GpuInventory(error="NVML is installed but did not initialize (driver not loaded?)")
+    try:
+        buffer = ctypes.create_string_buffer(96)
+        driver = buffer.value.decode() if nvml.nvmlSystemGetDriverVersion(buffer, 96) == 0 else ""
+        count = ctypes.c_uint(0)
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return GpuInventory(source="nvml", driver=driver, error="NVML could not count the GPUs")
+        handles, gpus = [], []
+        for index in range(count.value):
+            handle = ctypes.c_void_p()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
+                continue
+            handles.append((index, handle))
+            gpus.append(Gpu(index, _nvml_string(nvml.nvmlDeviceGetName, handle),
+                            _nvml_memory_mib(nvml, handle), _nvml_string(nvml.nvmlDeviceGetUUID, handle)))
+        inventory = GpuInventory(source="nvml", driver=driver, gpus=gpus)
+        visible = set(visible_indices(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        for a, handle_a in handles:
+            for b, handle_b in handles:
+                if a < b and a in visible and b in visible:
+                    status = ctypes.c_int(-1)
+                    code = nvml.nvmlDeviceGetP2PStatus(handle_a, handle_b, NVML_P2P_CAPS_INDEX_READ,
+                                                       ctypes.byref(status))
+                    if code == 0:
+                        inventory.p2p[f"{a}-{b}"] = status.value == NVML_P2P_STATUS_OK
+        return inventory
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _nvml_string(getter, handle) -> str:
+    buffer = ctypes.create_string_buffer(96)
+    return buffer.value.decode(errors="replace") if getter(handle, buffer, 96) == 0 else ""
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def _nvml_memory_mib(nvml, handle) -> Optional[int]:
+    memory = _NvmlMemory()
+    if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+        return None
+    return memory.total // 2**20
+
+
+def _from_nvidia_smi() -> GpuInventory:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return GpuInventory()
+    query = [smi, "--query-gpu=index,name,memory.total,uuid,driver_version", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return GpuInventory(error=f"nvidia-smi failed: {exc}")
+    if out.returncode != 0:
+        return GpuInventory(error=f"nvidia-smi failed: {(out.stderr or out.stdout).strip()[:200]}")
+    inventory = GpuInventory(source="nvidia-smi")
+    for line in out.stdout.strip().splitlines():
+        fields = [part.strip() for part in line.split(",")]
+        if len(fields) < 5 or not fields[0].isdigit():
+            continue
+        memory = int(fields[2]) if fields[2].isdigit() else None
+        inventory.gpus.append(Gpu(int(fields[0]), fields[1], memory, fields[3]))
+        inventory.driver = fields[4]
+    return inventory
+
+
+def widget_support(where: Optional[str] = None) -> WidgetSupport:
+    """Whether the live dashboard can render: ipywidgets here, and a frontend side that matches.
+
+    Checked in this Python environment; a JupyterLab started from another environment
+    needs its own matching ``jupyterlab_widgets``.
+    """
+    where = where or environment.platform()
+    versions = {name: _version(name) for name in
+                ("ipywidgets", "jupyterlab_widgets", "widgetsnbextension", "matplotlib")}
+    ipyw = versions["ipywidgets"]
+    ok, verdict = True, ""
+    if ipyw is None:
+        ok, verdict = False, "no: ipywidgets is not installed (pip install ipywidgets); the launcher shows text"
+    elif where in ("colab", "kaggle"):
+        verdict = f"yes: {where} renders ipywidgets with its own widget manager"
+    else:
+        major = _major(ipyw)
+        wanted = {8: (3, 4), 7: (1, 3)}.get(major)    # ipywidgets major -> (jupyterlab_widgets, widgetsnbextension)
+        lab, classic = _major(versions["jupyterlab_widgets"]), _major(versions["widgetsnbextension"])
+        if wanted is None:
+            verdict = f"unknown: ipywidgets {ipyw} is not a version this check knows"
+        elif lab is None and classic is None:
+            ok, verdict = False, ("no frontend side: pip install jupyterlab_widgets (JupyterLab, Notebook 7), "
+                                  "else widgets show as 'Error displaying widget'")
+        elif lab not in (None, wanted[0]) or classic not in (None, wanted[1]):
+            ok, verdict = False, (f"mismatch: ipywidgets {ipyw} needs jupyterlab_widgets {wanted[0]}.x / "
+                                  f"widgetsnbextension {wanted[1]}.x, else 'Error displaying widget'")
+        else:
+            verdict = "yes, in JupyterLab / Notebook 7 served from this environment"
+    if ok and versions["matplotlib"] is None:
+        verdict += "; no matplotlib, so no loss plot (pip install matplotlib)"
+    return WidgetSupport(ipyw, versions["jupyterlab_widgets"], versions["widgetsnbextension"],
+                         versions["matplotlib"], ok, verdict)
+
+
+def _version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _major(version: Optional[str]) -> Optional[int]:
+    if not version:
+        return None
+    head = version.split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def default_launch() -> str:
+    """What ``notebook_launcher(fn)`` with defaults would start from this process."""
+    from .config import resolve
+
+    try:
+        config = resolve(
+            function=_noop, args=(), kwargs=None, num_processes=None, mixed_precision="no", use_port=None,
+            master_addr="127.0.0.1", node_rank=0, num_nodes=1, rdzv_backend="static", max_restarts=0,
+            monitor_interval=0.1, log_line_prefix_template=None, start_method="auto", backend="auto",
+            device="auto", return_all=False, display="none",
+        )
+    except Exception as exc:  # the report must still print
+        return f"unknown ({type(exc).__name__}: {exc})"
+    what = f"{config.nproc} GPU worker" if config.device_type == "cuda" else f"{config.nproc} CPU worker"
+    return f"{what}{'s' if config.nproc != 1 else ''} ({config.backend}, {config.start_method})"
+
+
+def _noop() -> None:
+    """Stand-in function for `default_launch` (never called)."""
+
+
+def hints(report: Report) -> list:
+    """Advice that follows from the facts, one line each."""
+    out = []
+    if report.platform == "kaggle":
+        out.append("Kaggle: pick the 'GPU T4 x2' accelerator; notebook_launcher(fn) then starts 2 workers (nccl).")
+    if report.platform == "colab":
+        out.append("Colab: one GPU, so one GPU worker; device='cpu' runs 2 CPU workers to try multi-process code.")
+    if report.gpus.gpus and report.visible_gpu_count == 0:
+        out.append("GPUs are present but torch sees none: a CPU-only torch build, or CUDA_VISIBLE_DEVICES hides them.")
+    if report.visible_gpu_count > 1 and report.gpus.p2p and not all(report.gpus.p2p.values()):
+        out.append("Some GPU pairs lack peer-to-peer access: NCCL routes through host memory (slower). "
+                   "If NCCL hangs, try NCCL_P2P_DISABLE=1.")
+    if not report.widgets.ok:
+        out.append("The live dashboard will fall back to text output (see 'widgets' above).")
+    if report.cuda_initialized:
+        out.append("CUDA is initialized in this process: launches use spawn (slower start) instead of fork.")
+    return out
+
+
+# ----------------------------------------------------------------- the `test` worker
+def collective_check(size_mib: float = 8.0, repeats: int = 3) -> dict:
+    """Runs on every rank of ``python -m notebook_launcher test``.
+
+    Checks all_reduce (sum of rank+1 over ranks), all_gather (every rank's id) and
+    broadcast (rank 0's value) against the values they must have, then times an
+    all_reduce of ``size_mib`` MiB. Returns this rank's findings; ``ok`` is True only
+    when every check passed.
+
+    Example::
+
+        notebook_launcher(collective_check, num_processes=2, return_all=True)
+    """
+    import torch
+    import torch.distributed as dist
+
+    from .workers import context
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ctx = context.current()
+    device = torch.device(ctx.device if ctx is not None else "cpu")
+    problems = []
+
+    total = torch.full((16,), float(rank + 1), device=device)
+    dist.all_reduce(total)
+    expected = world * (world + 1) / 2
+    if not torch.all(total == expected):
+        problems.append(f"all_reduce gave {total[0].item()}, expected {expected}")
+
+    ranks = [torch.zeros(1, device=device) for _ in range(world)]
+    dist.all_gather(ranks, torch.tensor([float(rank)], device=device))
+    if [int(t.item()) for t in ranks] != list(range(world)):
+        problems.append(f"all_gather gave {[t.item() for t in ranks]}")
+
+    token = torch.tensor([1234.5 if rank == 0 else -1.0], device=device)
+    dist.broadcast(token, src=0)
+    if token.item() != 1234.5:
+        problems.append(f"broadcast gave {token.item()}")
+
+    seconds, bus_gbps = _time_all_reduce(size_mib, repeats, world, device)
+    return {"rank": rank, "world_size": world, "device": str(device), "backend": dist.get_backend(),
+            "ok": not problems, "problems": problems, "all_reduce_seconds": seconds, "bus_gb_per_s": bus_gbps}
+
+
+def _time_all_reduce(size_mib: float, repeats: int, world: int, device) -> tuple:
+    """Mean seconds per all_reduce of ``size_mib`` MiB and the bus bandwidth it implies
+    (NCCL's convention: ``2 (n-1)/n * bytes / time``)."""
+    import torch
+    import torch.distributed as dist
+
+    data = torch.ones(max(1, int(size_mib * 2**20 / 4)), device=device)
+    dist.all_reduce(data)  # warm-up: connections are made lazily
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(data)
+    _sync(device)
+    seconds = (time.perf_counter() - start) / repeats
+    bytes_moved = data.numel() * 4 * 2 * (world - 1) / world
+    return seconds, bytes_moved / seconds / 1e9 if seconds > 0 else 0.0
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
