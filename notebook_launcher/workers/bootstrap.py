@@ -216,18 +216,43 @@ def _flush_std_streams() -> None:
 
 # ----------------------------------------------------------------- the task
 def _serve(spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
-    """Run the task and report back; returns the process exit code."""
+    """Set the worker up once, then run tasks; returns the process exit code.
+
+    A one-shot launch has exactly one task. The loop is the seam for a persistent
+    session, where later tasks would arrive on the control pipe.
+    """
     try:
-        task = _prepare(spec, channel)
+        _prepare(spec, channel)
         channel.send(ch.READY, {"pid": os.getpid(), "backend": spec.backend, "device": spec.device})
         _start_heartbeat(channel)
+    except BaseException as exc:
+        _report_error(channel, exc)
+        return 1
+    for task in _tasks(spec):
+        code = _run_task(spec, channel, task)
+        if code != 0:
+            return code
+    _destroy_process_group()
+    channel.close()
+    return 0
+
+
+def _tasks(spec: WorkerSpec):
+    """Tasks to run: a `Task` (fork) or its dill bytes (spawn), unpickled by `_run_task`."""
+    yield spec.task if spec.task is not None else spec.task_blob
+
+
+def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task) -> int:
+    """Call the function, then send its value (or its error); returns an exit code."""
+    try:
+        if isinstance(task, bytes):
+            task = loads_task(task)
         value = task.function(*task.args, **task.kwargs)
     except SystemExit as exc:
-        if exc.code in (None, 0):
-            value = None  # sys.exit(0) in the function is a normal end
-        else:
+        if exc.code not in (None, 0):
             _report_error(channel, exc)
             return exc.code if isinstance(exc.code, int) else 1
+        value = None  # sys.exit(0) in the function is a normal end
     except BaseException as exc:
         _report_error(channel, exc)
         return 1
@@ -237,12 +262,10 @@ def _serve(spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     except BaseException as exc:
         _report_error(channel, exc)
         return 1
-    _destroy_process_group()
-    channel.close()
     return 0
 
 
-def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> Task:
+def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> None:
     os.environ.update(spec.env)
     import torch
 
@@ -256,9 +279,7 @@ def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> Task:
     if spec.device.startswith("cuda"):
         _pin_cuda_device(torch, spec.local_rank)
     linecache.cache.update(spec.notebook_sources)
-    task = spec.task if spec.task is not None else loads_task(spec.task_blob)
     _init_process_group(spec)
-    return task
 
 
 def _pin_cuda_device(torch, local_rank: int) -> None:
