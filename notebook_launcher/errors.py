@@ -104,7 +104,7 @@ class WorkerError(ChildFailedError):
     def _format(self) -> str:
         root = self.root
         head = f"rank {root.rank} failed: {root.summary()}"
-        if root.exitcode is not None and root.signal is None and root.exitcode != 1:
+        if root.exitcode not in (None, 0, 1) and root.signal is None and "exit" not in root.summary():
             head += f" (exit code {root.exitcode})"
         parts = [head]
         others = [f for r, f in sorted(self.details.items()) if r != root.rank]
