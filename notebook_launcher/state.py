@@ -3,6 +3,10 @@
 The supervisor turns what arrives from worker pipes into the events below; views read
 the state and render it. Tests drive the state with hand-made events: no processes,
 no widgets.
+
+Memory is bounded whatever the run's length: metric series are downsampled in place
+(`Series`), the log keeps the last `LOG_LINES` lines, and progress keeps a short window
+of samples for its rate.
 """
 
 from __future__ import annotations
@@ -62,28 +66,55 @@ class Exited:
 
 @dataclass(frozen=True)
 class Finished:
-    status: str  # "succeeded" | "failed" | "interrupted"
+    status: str  # "succeeded" | "failed" | "interrupted" | "stopped"
     t: float
     failure: Optional[Failure] = None
 
 
 Event = Union[Started, Ready, Metrics, Progress, Output, Exited, Finished]
 
-# ----------------------------------------------------------------- state
+# ----------------------------------------------------------------- limits
 MAX_POINTS = 2_000    # points kept per metric series; older ones are merged pairwise
 LOG_LINES = 200       # output lines kept for the log panel
+LOG_LINE_CHARS = 2_000  # a longer line is cut in the log (the worker's own output is untouched)
+RATE_WINDOW = 10.0    # seconds of progress samples the rate is measured over
+RATE_SAMPLE = 0.2     # at most one rate sample per this many seconds
+
+FINAL_STATUSES = ("succeeded", "failed", "interrupted", "stopped")
 
 
+# ----------------------------------------------------------------- parts
 @dataclass
 class Series:
-    """One metric's history, bounded: when full, neighbouring points are averaged in pairs."""
+    """One metric's history, bounded: when full, neighbouring points are averaged in pairs.
+
+    ``steps[i]`` is the last step that point ``i`` stands for; ``stride`` reported values
+    make one kept point. ``last``, ``low``, ``high`` and ``count`` cover every reported
+    value, downsampled or not.
+
+    Example::
+
+        s = Series()
+        for step in range(10_000):
+            s.add(step, 1 / (step + 1))
+        len(s.steps) <= MAX_POINTS, s.count, s.last   # True, 10000, 0.0001
+    """
 
     steps: list = field(default_factory=list)
     values: list = field(default_factory=list)
     stride: int = 1        # how many reported points each kept point stands for
+    count: int = 0
+    last: float = math.nan
+    low: float = math.inf
+    high: float = -math.inf
     _pending: list = field(default_factory=list)
 
     def add(self, step: float, value: float) -> None:
+        self.count += 1
+        self.last = value
+        if math.isfinite(value):
+            self.low = min(self.low, value)
+            self.high = max(self.high, value)
         self._pending.append((step, value))
         if len(self._pending) < self.stride:
             return
@@ -93,6 +124,13 @@ class Series:
         self.values.append(_mean(values))
         if len(self.steps) >= MAX_POINTS:
             self._halve()
+
+    def points(self) -> tuple[list, list]:
+        """Kept points plus the partial one still being merged (so the curve reaches the last step)."""
+        if not self._pending:
+            return self.steps, self.values
+        steps, values = zip(*self._pending)
+        return self.steps + [steps[-1]], self.values + [_mean(values)]
 
     def _halve(self) -> None:
         self.steps = self.steps[1::2]
@@ -110,25 +148,56 @@ class RankState:
     rank: int
     status: str = "starting"   # starting | running | done | failed | stopped
     pid: Optional[int] = None
-    step: Optional[int] = None
+    step: Optional[int] = None  # last step it reported (or its outer progress position)
     last_seen: Optional[float] = None
     exitcode: Optional[int] = None
+    position: dict = field(default_factory=dict)  # progress depth -> (n, total)
 
 
 @dataclass
 class ProgressState:
+    """One progress bar (one nesting level of rank 0's `progress()` loops).
+
+    The rate is measured over the last `RATE_WINDOW` seconds, so it follows a loop that
+    speeds up or slows down; ETA is what is left at that rate.
+    """
+
     n: int = 0
     total: Optional[int] = None
     desc: Optional[str] = None
     started_at: Optional[float] = None
     updated_at: Optional[float] = None
     depth: int = 0
+    samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
+
+    def update(self, n: int, t: float) -> None:
+        self.n, self.updated_at = n, t
+        if not self.samples or t - self.samples[-1][0] >= RATE_SAMPLE:
+            self.samples.append((t, n))
+        else:
+            self.samples[-1] = (self.samples[-1][0], n)  # same sample slot, newest count
+
+    @property
+    def fraction(self) -> Optional[float]:
+        if not self.total:
+            return None
+        return min(1.0, self.n / self.total)
 
     @property
     def rate(self) -> Optional[float]:
-        if self.started_at is None or self.updated_at is None or self.updated_at <= self.started_at:
+        """Items per second over the recent window (None until there is a time span)."""
+        if self.updated_at is None:
             return None
-        return self.n / (self.updated_at - self.started_at)
+        oldest = None
+        for t, n in self.samples:
+            if t >= self.updated_at - RATE_WINDOW:
+                oldest = (t, n)
+                break
+        if oldest is not None and self.updated_at - oldest[0] > 0 and self.n > oldest[1]:
+            return (self.n - oldest[1]) / (self.updated_at - oldest[0])
+        if self.started_at is not None and self.updated_at > self.started_at:
+            return self.n / (self.updated_at - self.started_at)
+        return None
 
     @property
     def eta(self) -> Optional[float]:
@@ -138,6 +207,7 @@ class ProgressState:
         return max(0.0, (self.total - self.n) / rate)
 
 
+# ----------------------------------------------------------------- the state
 @dataclass
 class RunState:
     world_size: int
@@ -146,22 +216,36 @@ class RunState:
     device: str = ""
     start_method: str = ""
     attempt: int = 0
-    status: str = "starting"   # starting | running | succeeded | failed | interrupted
+    status: str = "starting"   # starting | running | succeeded | failed | interrupted | stopped
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
     now: Optional[float] = None
     ranks: dict = field(default_factory=dict)
-    series: dict = field(default_factory=dict)         # metric name -> Series (rank 0)
-    latest: dict = field(default_factory=dict)         # metric name -> last value (rank 0)
-    progress: dict = field(default_factory=dict)       # depth -> ProgressState (rank 0)
+    series: dict = field(default_factory=dict)         # metric name -> Series (lead rank)
+    latest: dict = field(default_factory=dict)         # metric name -> last value (lead rank)
+    progress: dict = field(default_factory=dict)       # depth -> ProgressState (lead rank)
     log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
     lines_seen: int = 0
+    reports_seen: int = 0
+    last_step: Optional[int] = None                    # lead rank's last metric step
     failure: Optional[Failure] = None
     version: int = 0                                   # bumped on every change; views compare it
+    metrics_version: int = 0                           # bumped when a series changes
+    log_version: int = 0                               # bumped when lines arrive
+    progress_version: int = 0                          # bumped when a bar moves
 
     def __post_init__(self) -> None:
         for rank in self.local_ranks:
             self.ranks.setdefault(rank, RankState(rank))
+
+    @property
+    def lead(self) -> int:
+        """The rank whose metrics and progress are shown: rank 0, or this node's first rank."""
+        return min(self.local_ranks) if self.local_ranks else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_STATUSES
 
     @property
     def elapsed(self) -> float:
@@ -174,6 +258,32 @@ class RunState:
     def main_progress(self) -> Optional[ProgressState]:
         return self.progress.get(min(self.progress)) if self.progress else None
 
+    def bars(self) -> list:
+        """Progress bars, outermost first."""
+        return [self.progress[depth] for depth in sorted(self.progress)]
+
+    def overall(self) -> tuple[Optional[float], Optional[float]]:
+        """(fraction done, seconds left) of the whole run, from the nested bars.
+
+        With epochs outside and batches inside, 2 of 3 epochs done plus half of the third
+        is 5/6; the ETA scales the time the outer loop has taken by what is left.
+        """
+        bars = self.bars()
+        if not bars or not bars[0].total:
+            return None, None
+        outer = bars[0]
+        done = float(outer.n)
+        if len(bars) > 1 and bars[1].fraction is not None and outer.n < outer.total:
+            done += bars[1].fraction
+        fraction = min(1.0, done / outer.total)
+        if len(bars) == 1:
+            return fraction, outer.eta
+        spent = (self.now or 0.0) - (outer.started_at or 0.0)
+        if fraction <= 0 or spent <= 0:
+            return fraction, None
+        return fraction, spent * (1 - fraction) / fraction
+
+    # ------------------------------------------------------------- events
     def apply(self, event: Event) -> None:
         self.version += 1
         self.now = max(self.now or event.t, event.t)
@@ -199,35 +309,44 @@ class RunState:
         state = self._seen(event.rank, event.t)
         if event.step is not None:
             state.step = event.step
-        if event.rank != 0:
+        if event.rank != self.lead or not event.values:
             return
-        step = event.step if event.step is not None else self._next_step()
+        # A report without a step comes one after the previous one.
+        step = event.step if event.step is not None else (-1 if self.last_step is None else self.last_step) + 1
+        self.last_step = step
+        self.reports_seen += 1
         for name, value in event.values.items():
-            self.series.setdefault(name, Series()).add(step, float(value))
-            self.latest[name] = float(value)
-
-    def _next_step(self) -> int:
-        lengths = [s.steps[-1] + 1 for s in self.series.values() if s.steps]
-        return max(lengths, default=0)
+            value = float(value)
+            self.series.setdefault(name, Series()).add(step, value)
+            self.latest[name] = value
+        self.metrics_version += 1
 
     def _on_progress(self, event: Progress) -> None:
         state = self._seen(event.rank, event.t)
-        if event.depth == 0:
-            state.step = event.n
-        if event.rank != 0:
+        state.position[event.depth] = (event.n, event.total)
+        for depth in [d for d in state.position if d > event.depth]:
+            if event.n == 0:  # an outer loop restarted: inner positions are stale
+                del state.position[depth]
+        if event.rank != self.lead:
             return
         bar = self.progress.get(event.depth)
         if bar is None or event.n < bar.n or bar.desc != event.desc or bar.total != event.total:
             bar = self.progress[event.depth] = ProgressState(
                 total=event.total, desc=event.desc, started_at=event.t, depth=event.depth
             )
-        bar.n, bar.updated_at = event.n, event.t
+            for depth in [d for d in self.progress if d > event.depth]:
+                del self.progress[depth]  # bars nested in a restarted one start over
+        bar.update(event.n, event.t)
+        self.progress_version += 1
 
     def _on_output(self, event: Output) -> None:
         self._seen(event.rank, event.t)
         self.lines_seen += len(event.lines)
-        for line in event.lines:
+        for line in event.lines[-LOG_LINES:]:
+            if len(line) > LOG_LINE_CHARS:
+                line = line[:LOG_LINE_CHARS] + f" ... [{len(line) - LOG_LINE_CHARS} more characters]"
             self.log.append((event.rank, event.stream, line))
+        self.log_version += 1
 
     def _on_exited(self, event: Exited) -> None:
         state = self.ranks.setdefault(event.rank, RankState(event.rank))
@@ -246,17 +365,44 @@ class RunState:
                 state.status = "stopped"
 
 
+# ----------------------------------------------------------------- text helpers
 def summary_line(state: RunState) -> str:
     """One line that says how the run ended (or where it is)."""
     text = f"{state.status}: {state.world_size} process{'es' if state.world_size != 1 else ''}"
     if state.elapsed:
-        text += f" in {state.elapsed:.1f}s"
+        text += f" in {format_duration(state.elapsed)}"
     if state.latest:
-        text += " | " + ", ".join(f"{k}={_fmt(v)}" for k, v in list(state.latest.items())[:4])
+        text += " | " + ", ".join(f"{k}={format_value(v)}" for k, v in list(state.latest.items())[:4])
     if state.failure is not None:
         text += f" | rank {state.failure.rank}: {state.failure.summary()}"
     return text
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def format_value(value: Any) -> str:
+    """Compact number: 4 significant digits, ints as they are."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``4.2s``, ``1:07``, ``12:34``, ``1:02:03``; ``?`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    if seconds < 59.95:
+        return f"{seconds:.1f}s"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_rate(rate: Optional[float]) -> str:
+    """``123 it/s`` or ``4.2 s/it`` for slow loops."""
+    if not rate:
+        return "? it/s"
+    if rate >= 1:
+        return f"{rate:.3g} it/s"
+    return f"{1 / rate:.3g} s/it"

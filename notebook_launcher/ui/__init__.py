@@ -1,12 +1,69 @@
-"""Views of a run: widgets in a notebook, text in a terminal, or just the output lines."""
+"""Views of a run: widgets in a notebook, text in a terminal, or just the output lines.
+
+- ``"widgets"``: a live ipywidgets dashboard (`ui.widgets.WidgetsView`), replaced at the
+  end by a static HTML summary and PNG that a saved notebook keeps.
+- ``"text"``: a progress line at a bounded rate and a plot saved to a file (`ui.text.TextView`).
+- ``"none"``: only the workers' own output lines, rank-prefixed (`ui.base.View`).
+- ``"auto"``: widgets inside a Jupyter kernel where ipywidgets imports, text otherwise.
+"""
 
 from __future__ import annotations
+
+import sys
+from typing import Any, Optional
 
 from .base import DEFAULT_PREFIX, View
 
 DISPLAYS = ("auto", "widgets", "text", "none")
 
 
-def make_view(display: str, prefix: str = DEFAULT_PREFIX) -> View:
-    """The view for ``display`` ("auto" | "widgets" | "text" | "none")."""
-    return View(prefix)
+def resolve_display(display: str) -> str:
+    """The concrete display for ``display`` here: "widgets", "text" or "none".
+
+    Example::
+
+        resolve_display("auto")   # "widgets" in a Jupyter kernel, "text" in a script
+    """
+    if display != "auto":
+        return display
+    from ..environment import in_jupyter_kernel
+
+    if in_jupyter_kernel() and _widgets_importable():
+        return "widgets"
+    return "text"
+
+
+def make_view(display: str, prefix: str = DEFAULT_PREFIX, title: str = "", host: Optional[Any] = None) -> View:
+    """The view for ``display`` ("auto" | "widgets" | "text" | "none").
+
+    ``host``: an ipywidgets container already shown in a cell; the widgets view puts
+    itself inside it instead of displaying a new output (used by ``block=False`` runs).
+
+    Example::
+
+        view = make_view("text", title="2 CPU processes (gloo, fork)")
+    """
+    display = resolve_display(display)
+    if display == "widgets":
+        from ..environment import in_jupyter_kernel
+
+        if host is not None or in_jupyter_kernel():
+            from .widgets import WidgetsView
+
+            return WidgetsView(prefix, title, host=host)
+        print("notebook_launcher: display='widgets' needs a Jupyter kernel; showing text instead.",
+              file=sys.stderr)
+        display = "text"
+    if display == "text":
+        from .text import TextView
+
+        return TextView(prefix, title)
+    return View(prefix, title)
+
+
+def _widgets_importable() -> bool:
+    try:
+        import ipywidgets  # noqa: F401
+    except Exception:
+        return False
+    return True
