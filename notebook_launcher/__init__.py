@@ -27,6 +27,7 @@ Example::
 from .api import notebook_launcher
 from .errors import LaunchConfigError, WorkerError
 from .reporting import progress, report
+from .run import Run
 
-__all__ = ["notebook_launcher", "report", "progress", "WorkerError", "LaunchConfigError"]
+__all__ = ["notebook_launcher", "report", "progress", "Run", "WorkerError", "LaunchConfigError"]
 __version__ = "0.1.0"

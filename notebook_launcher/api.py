@@ -37,6 +37,7 @@ def notebook_launcher(
     stall_timeout: Optional[float] = 300.0,
     on_stall: str = "warn",
     rdzv_timeout: float = 600.0,
+    block: bool = True,
 ) -> Any:
     """Run ``function(*args, **kwargs)`` in ``num_processes`` workers wired into one
     ``torch.distributed`` job, and return rank 0's return value.
@@ -63,7 +64,9 @@ def notebook_launcher(
         backend: "auto", "gloo", "nccl", ...
         device: "auto", "cpu" or "cuda".
         return_all: return a list with every rank's value, indexed by rank.
-        display: "auto" | "widgets" | "text" | "none".
+        display: "auto" (widgets in Jupyter, text elsewhere) | "widgets" (live dashboard:
+            progress, metric curves, ranks, log panel; a static summary at the end) |
+            "text" (progress line, plot saved to a file) | "none" (only the workers' output).
         stall_timeout: seconds a rank may go without any sign of progress (a report,
             a progress step, an output line, or its Python stack moving) before it counts
             as stuck; its stacks (every thread) are then shown. None turns this off.
@@ -101,9 +104,14 @@ def notebook_launcher(
         print(note, file=sys.stderr)
     if config.display != "none":
         print(_banner(config))
+    title = _banner(config).replace("Launching on ", "", 1)
+    if not block:
+        from .run import Run
+
+        return Run.launch(config, title)
     attempt = 0
     while True:
-        view = make_view(config.display, config.line_prefix)
+        view = make_view(config.display, config.line_prefix, title)
         try:
             return run_attempt(config, view, attempt)
         except WorkerError as error:

@@ -1,8 +1,11 @@
 """One launch attempt: rendezvous, workers, supervision, teardown.
 
-`run_attempt` is the only place that starts and stops workers, and its ``finally``
-clause is the only teardown path: success, failure, Interrupt or a bug of ours all go
-through it, so no worker and no store outlives the call.
+`start_attempt` is the only place that starts workers and `_teardown` the only place
+that stops them: `start_attempt` tears down what it started if it fails, and
+`supervise`'s ``finally`` does it on every other path (success, failure, Interrupt, a
+stop request or a bug of ours), so no worker and no store outlives an attempt.
+`run_attempt` is the two in a row; a ``block=False`` run calls `start_attempt` in the
+cell's thread and `supervise` in its own thread.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from . import rendezvous
 from .config import LaunchConfig
@@ -33,50 +37,85 @@ ROOT_EXIT_WAIT = 0.5   # let a rank that reported an error exit by itself, for i
 
 def run_attempt(config: LaunchConfig, view: View, attempt: int) -> Any:
     """Run the function once on every local rank; return rank 0's value (or all of them)."""
+    return supervise(start_attempt(config, view, attempt))
+
+
+@dataclass
+class Attempt:
+    """One attempt whose workers are running: what `supervise` needs to watch and tear down."""
+
+    config: LaunchConfig
+    view: View
+    state: RunState
+    stacks: StackDumps
+    tracker_was_running: bool
+    rdzv: Optional[rendezvous.Rendezvous] = None
+    handles: list = field(default_factory=list)
+
+
+def start_attempt(config: LaunchConfig, view: View, attempt: int) -> Attempt:
+    """Rendezvous and workers, started from the calling thread (the parent-death signal
+    is tied to the thread that forks). On any error everything started is torn down."""
     state = RunState(
         world_size=config.world_size,
         local_ranks=list(range(config.first_rank, config.first_rank + config.nproc)),
         backend=config.backend, device=config.device_type, start_method=config.start_method,
         attempt=attempt,
     )
-    rdzv = None
-    handles: list[WorkerHandle] = []
-    status, failure = "failed", None
-    tracker_was_running = config.start_method != "spawn" or resource_tracker_running()
-    stacks = StackDumps()
+    run = Attempt(config, view, state, StackDumps(),
+                  config.start_method != "spawn" or resource_tracker_running())
     try:
-        rdzv = rendezvous.host_store(
+        run.rdzv = rendezvous.host_store(
             config.master_addr, config.world_size, port=config.port, bind_all=config.num_nodes > 1,
             restart_count=attempt, max_restarts=config.max_restarts,
         ) if config.node_rank == 0 else _remote_rendezvous(config, attempt)
-        handles = start_workers(config.start_method, _spec_factory(config, rdzv, stacks), config.nproc)
+        run.handles = start_workers(config.start_method, _spec_factory(config, run.rdzv, run.stacks), config.nproc)
+    except BaseException as exc:
+        _teardown(run, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None)
+        raise
+    return run
+
+
+def supervise(run: Attempt) -> Any:
+    """Watch a started attempt to its end (any thread); always tears it down.
+
+    A ``KeyboardInterrupt`` (or a subclass with a ``status``, which is how a ``block=False``
+    run is stopped) ends it as interrupted (or that status).
+    """
+    config, state, handles = run.config, run.state, run.handles
+    status, failure = "failed", None
+    try:
         expect = set(state.local_ranks) if config.return_all else {0} & set(state.local_ranks)
         stall = None if config.stall_timeout is None else StallWatch(
-            config.stall_timeout, config.on_stall, lambda rank, pid: stacks.dump(rank, pid))
-        outcome = Supervisor(handles, state, view, expect, tick=config.tick, stall=stall).run()
+            config.stall_timeout, config.on_stall, lambda rank, pid: run.stacks.dump(rank, pid))
+        outcome = Supervisor(handles, state, run.view, expect, tick=config.tick, stall=stall).run()
         if outcome.root is not None:
             failure = outcome.root
             _wait_for_exit([h for h in handles if h.rank == failure.rank], ROOT_EXIT_WAIT)
             _fill_exitcodes(outcome.failures, handles)
             raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root],
-                              attempt=attempt) from outcome.root.exception
+                              attempt=state.attempt) from outcome.root.exception
         status = "succeeded"
         return _collect(config, state, outcome.results)
-    except KeyboardInterrupt:
-        status = "interrupted"
+    except KeyboardInterrupt as exc:
+        status = getattr(exc, "status", "interrupted")
         raise
     finally:
-        with _interrupts_deferred():
-            stop_workers(handles, grace=TEARDOWN_GRACE)
-            for handle in handles:
-                handle.close_all()
-            if rdzv is not None:
-                rdzv.close()
-            if not tracker_was_running:
-                stop_resource_tracker()
-            stacks.close()
-            state.apply(Finished(status, time.monotonic(), failure))
-            view.finish(state)
+        _teardown(run, status, failure)
+
+
+def _teardown(run: Attempt, status: str, failure) -> None:
+    with _interrupts_deferred():
+        stop_workers(run.handles, grace=TEARDOWN_GRACE)
+        for handle in run.handles:
+            handle.close_all()
+        if run.rdzv is not None:
+            run.rdzv.close()
+        if not run.tracker_was_running:
+            stop_resource_tracker()
+        run.stacks.close()
+        run.state.apply(Finished(status, time.monotonic(), failure))
+        run.view.finish(run.state)
 
 
 def _remote_rendezvous(config: LaunchConfig, attempt: int) -> rendezvous.Rendezvous:
