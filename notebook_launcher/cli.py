@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
 # ----------------------------------------------------------------- env
 def env_command(as_json: bool = False) -> int:
-    from .diagnostics import collect
+    from .diagnostics import collect, format_report
 
     report = collect()
     if as_json:
@@ -56,53 +56,6 @@ def env_command(as_json: bool = False) -> int:
     else:
         print(format_report(report))
     return 0
-
-
-def format_report(report) -> str:
-    """The ``env`` report as aligned ``key: value`` lines."""
-    gpus = report.gpus
-    rows = [
-        ("python", f"{report.python} on {report.os}"),
-        ("running in", report.platform),
-        ("CPUs", str(report.cpu_count)),
-        ("torch", report.torch + (f" (CUDA {report.torch_cuda})" if report.torch_cuda else " (CPU build)")),
-        ("gloo", "yes" if report.gloo else "no"),
-        ("NCCL", report.nccl or "not available"),
-        ("GPU driver", gpus.driver or ("none found" if not gpus.error else gpus.error)),
-        ("GPUs", _gpu_count_text(report)),
-    ]
-    for gpu in gpus.gpus:
-        memory = f", {gpu.memory_mib / 1024:.0f} GiB" if gpu.memory_mib else ""
-        hidden = "" if gpu.index in gpus.visible else " (hidden by CUDA_VISIBLE_DEVICES)"
-        rows.append((f"  GPU {gpu.index}", f"{gpu.name}{memory}{hidden}"))
-    if report.cuda_visible_devices is not None:
-        rows.append(("CUDA_VISIBLE_DEVICES", repr(report.cuda_visible_devices)))
-    rows += [
-        ("peer-to-peer", gpus.p2p_summary),
-        ("CUDA initialized here", "yes" if report.cuda_initialized else "no"),
-        ("widgets dashboard", report.widgets.verdict),
-        ("  versions", _widget_versions(report.widgets)),
-        ("notebook_launcher(fn)", f"starts {report.default_launch}"),
-    ]
-    width = max(len(key) for key, _ in rows)
-    lines = [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
-    lines += [f"hint: {hint}" for hint in report.hints]
-    return "\n".join(lines)
-
-
-def _gpu_count_text(report) -> str:
-    found = len(report.gpus.gpus)
-    text = f"{report.visible_gpu_count} visible to torch"
-    if found != report.visible_gpu_count:
-        text += f", {found} on the machine (via {report.gpus.source})" if found else ""
-    elif found:
-        text += f" (listed via {report.gpus.source})"
-    return text
-
-
-def _widget_versions(widgets) -> str:
-    names = ("ipywidgets", "jupyterlab_widgets", "widgetsnbextension", "matplotlib")
-    return ", ".join(f"{name} {getattr(widgets, name) or 'missing'}" for name in names)
 
 
 # ----------------------------------------------------------------- test

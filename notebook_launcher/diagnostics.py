@@ -37,6 +37,13 @@ class Gpu:
     name: str
     memory_mib: Optional[int] = None
     uuid: str = ""
+    compute_capability: str = ""   # "8.0" on an A100; bf16 needs 8.0 or more
+
+    @property
+    def bf16(self) -> Optional[bool]:
+        """bf16 autocast is fast here (Ampere or newer); None when unknown."""
+        major = self.compute_capability.split(".")[0]
+        return int(major) >= 8 if major.isdigit() else None
 
 
 @dataclass
@@ -200,7 +207,8 @@ def _from_nvml() -> GpuInventory:
                 continue
             handles.append((index, handle))
             gpus.append(Gpu(index, _nvml_string(nvml.nvmlDeviceGetName, handle),
-                            _nvml_memory_mib(nvml, handle), _nvml_string(nvml.nvmlDeviceGetUUID, handle)))
+                            _nvml_memory_mib(nvml, handle), _nvml_string(nvml.nvmlDeviceGetUUID, handle),
+                            _nvml_capability(nvml, handle)))
         inventory = GpuInventory(source="nvml", driver=driver, gpus=gpus)
         visible = set(visible_indices(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")))
         for a, handle_a in handles:
@@ -232,11 +240,19 @@ def _nvml_memory_mib(nvml, handle) -> Optional[int]:
     return memory.total // 2**20
 
 
+def _nvml_capability(nvml, handle) -> str:
+    major, minor = ctypes.c_int(0), ctypes.c_int(0)
+    if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0:
+        return ""
+    return f"{major.value}.{minor.value}"
+
+
 def _from_nvidia_smi() -> GpuInventory:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return GpuInventory()
-    query = [smi, "--query-gpu=index,name,memory.total,uuid,driver_version", "--format=csv,noheader,nounits"]
+    query = [smi, "--query-gpu=index,name,memory.total,uuid,driver_version,compute_cap",
+             "--format=csv,noheader,nounits"]
     try:
         out = subprocess.run(query, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -249,7 +265,8 @@ def _from_nvidia_smi() -> GpuInventory:
         if len(fields) < 5 or not fields[0].isdigit():
             continue
         memory = int(fields[2]) if fields[2].isdigit() else None
-        inventory.gpus.append(Gpu(int(fields[0]), fields[1], memory, fields[3]))
+        capability = fields[5] if len(fields) > 5 and fields[5][:1].isdigit() else ""
+        inventory.gpus.append(Gpu(int(fields[0]), fields[1], memory, fields[3], capability))
         inventory.driver = fields[4]
     return inventory
 
@@ -334,13 +351,68 @@ def hints(report: Report) -> list:
     if report.gpus.gpus and report.visible_gpu_count == 0:
         out.append("GPUs are present but torch sees none: a CPU-only torch build, or CUDA_VISIBLE_DEVICES hides them.")
     if report.visible_gpu_count > 1 and report.gpus.p2p and not all(report.gpus.p2p.values()):
-        out.append("Some GPU pairs lack peer-to-peer access: NCCL routes through host memory (slower). "
-                   "If NCCL hangs, try NCCL_P2P_DISABLE=1.")
+        out.append("Some GPU pairs lack peer-to-peer access: the launcher sets NCCL_P2P_DISABLE=1 and "
+                   "NCCL_IB_DISABLE=1 for the workers, and NCCL goes through host memory (slower).")
     if not report.widgets.ok:
         out.append("The live dashboard will fall back to text output (see 'widgets' above).")
     if report.cuda_initialized:
         out.append("CUDA is initialized in this process: launches use spawn (slower start) instead of fork.")
     return out
+
+
+# ----------------------------------------------------------------- text
+def format_report(report: Report) -> str:
+    """The ``env`` report as aligned ``key: value`` lines.
+
+    Example::
+
+        print(format_report(collect()))   # what `python -m notebook_launcher env` prints
+    """
+    gpus = report.gpus
+    rows = [
+        ("python", f"{report.python} on {report.os}"),
+        ("running in", report.platform),
+        ("CPUs", str(report.cpu_count)),
+        ("torch", report.torch + (f" (CUDA {report.torch_cuda})" if report.torch_cuda else " (CPU build)")),
+        ("gloo", "yes" if report.gloo else "no"),
+        ("NCCL", report.nccl or "not available"),
+        ("GPU driver", gpus.driver or ("none found" if not gpus.error else gpus.error)),
+        ("GPUs", _gpu_count_text(report)),
+    ]
+    for gpu in gpus.gpus:
+        memory = f", {gpu.memory_mib / 1024:.0f} GiB" if gpu.memory_mib else ""
+        capability = f", compute {gpu.compute_capability} (bf16 {'yes' if gpu.bf16 else 'no'})" \
+            if gpu.compute_capability else ""
+        hidden = "" if gpu.index in gpus.visible else " (hidden by CUDA_VISIBLE_DEVICES)"
+        rows.append((f"  GPU {gpu.index}", f"{gpu.name}{memory}{capability}{hidden}"))
+    if report.cuda_visible_devices is not None:
+        rows.append(("CUDA_VISIBLE_DEVICES", repr(report.cuda_visible_devices)))
+    rows += [
+        ("peer-to-peer", gpus.p2p_summary),
+        ("CUDA initialized here", "yes" if report.cuda_initialized else "no"),
+        ("widgets dashboard", report.widgets.verdict),
+        ("  versions", _widget_versions(report.widgets)),
+        ("notebook_launcher(fn)", f"starts {report.default_launch}"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
+    lines += [f"hint: {hint}" for hint in report.hints]
+    return "\n".join(lines)
+
+
+def _gpu_count_text(report) -> str:
+    found = len(report.gpus.gpus)
+    text = f"{report.visible_gpu_count} visible to torch"
+    if found != report.visible_gpu_count:
+        text += f", {found} on the machine (via {report.gpus.source})" if found else ""
+    elif found:
+        text += f" (listed via {report.gpus.source})"
+    return text
+
+
+def _widget_versions(widgets) -> str:
+    names = ("ipywidgets", "jupyterlab_widgets", "widgetsnbextension", "matplotlib")
+    return ", ".join(f"{name} {getattr(widgets, name) or 'missing'}" for name in names)
 
 
 # ----------------------------------------------------------------- the `test` worker
