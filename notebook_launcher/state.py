@@ -173,9 +173,7 @@ class ProgressState:
     def update(self, n: int, t: float) -> None:
         self.n, self.updated_at = n, t
         if not self.samples or t - self.samples[-1][0] >= RATE_SAMPLE:
-            self.samples.append((t, n))
-        else:
-            self.samples[-1] = (self.samples[-1][0], n)  # same sample slot, newest count
+            self.samples.append((t, n))  # the rate runs from an old sample to (updated_at, n)
 
     @property
     def fraction(self) -> Optional[float]:
@@ -260,7 +258,8 @@ class RunState:
 
     def bars(self) -> list:
         """Progress bars, outermost first."""
-        return [self.progress[depth] for depth in sorted(self.progress)]
+        progress = dict(self.progress)  # one atomic copy: a Run's state is read from other threads
+        return [progress[depth] for depth in sorted(progress)]
 
     def overall(self) -> tuple[Optional[float], Optional[float]]:
         """(fraction done, seconds left) of the whole run, from the nested bars.
@@ -400,9 +399,11 @@ def format_duration(seconds: Optional[float]) -> str:
 
 
 def format_rate(rate: Optional[float]) -> str:
-    """``123 it/s`` or ``4.2 s/it`` for slow loops."""
+    """``2,150 it/s``, ``12.3 it/s`` or ``4.2 s/it`` for slow loops."""
     if not rate:
         return "? it/s"
+    if rate >= 100:
+        return f"{rate:,.0f} it/s"
     if rate >= 1:
         return f"{rate:.3g} it/s"
     return f"{1 / rate:.3g} s/it"

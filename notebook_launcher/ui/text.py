@@ -3,7 +3,8 @@
 - Worker output lines, rank-prefixed, as they come.
 - A compact progress line at a bounded rate: on a terminal it is redrawn in place
   (``\\r``) at most 4 times a second; in a log file or CI it is a new line at most every
-  `LOG_INTERVAL` seconds, and only when something moved.
+  `LOG_INTERVAL` seconds, and only when something moved
+  (``NOTEBOOK_LAUNCHER_PROGRESS_INTERVAL`` sets either interval, in seconds).
 - At the end, a summary line, and the metric curves saved to a PNG file whose path is
   printed (``NOTEBOOK_LAUNCHER_PLOT_DIR`` chooses the folder; default: the temp dir).
 """
@@ -60,13 +61,24 @@ class TextView(View):
 
     # ------------------------------------------------------------- View API
     def start(self, state: RunState) -> None:
-        interval = self._interval if self._interval is not None else (TTY_INTERVAL if self.tty else LOG_INTERVAL)
+        interval = self._interval
+        if interval is None:
+            configured = os.environ.get("NOTEBOOK_LAUNCHER_PROGRESS_INTERVAL", "")
+            try:
+                interval = max(0.05, float(configured))
+            except ValueError:
+                interval = TTY_INTERVAL if self.tty else LOG_INTERVAL
         self._throttle = Throttle(interval)
         self._throttle.ready(self.clock())  # the first line waits one interval: nothing to say yet
 
     def output(self, rank: int, stream: str, lines: list) -> None:
         self._clear()
-        super().output(rank, stream, lines)
+        text = "".join(f"{self.prefix(rank)}{line}\n" for line in lines)
+        if stream == "stdout":
+            self.stream.write(text)
+            self.stream.flush()
+        else:
+            self.write(stream, text)
 
     def refresh(self, state: RunState) -> None:
         if self._broken or self._throttle is None or not self._throttle.ready(self.clock()):

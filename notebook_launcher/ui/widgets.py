@@ -246,8 +246,7 @@ class WidgetsView(View):
         self._handle.update(first, raw=True)
         for bundle in rest:
             display(bundle, raw=True)
-        for widget in self._widgets:  # the widgets' kernel side goes; the notebook keeps the summary
-            widget.close()
+        self.close()  # the widgets' kernel side goes; the notebook keeps the summary
 
     def _freeze(self, snap: snapshot.Snapshot) -> None:
         """``block=False``: the launching cell is done; show the summary inside the live container."""
@@ -258,17 +257,14 @@ class WidgetsView(View):
             parts.append(w.Image(value=snap.png, format="png", layout=w.Layout(max_width="100%")))
         if snap.log_html:
             parts.append(w.HTML(snap.log_html))
-        old = list(self._widgets)
+        old = [widget for widget in self._widgets if widget is not self.box]
         self.box.children = parts
         self._widgets = [self.box, *parts]
-        for widget in old:
-            if widget is not self.box:
-                widget.close()
+        _close(old)
 
     def close(self) -> None:
         """Close every widget this view made (their comms go; a displayed summary stays)."""
-        for widget in self._widgets:
-            widget.close()
+        _close(self._widgets)
         self._widgets = []
 
     def _guarded(self, method, *args) -> Any:
@@ -279,3 +275,13 @@ class WidgetsView(View):
             print(f"notebook_launcher: the dashboard stopped updating ({type(exc).__name__}: {exc})",
                   file=sys.stderr)
             return None
+
+
+def _close(widgets: list) -> None:
+    """Close widgets with their layout and style models (each is a comm of its own)."""
+    for widget in widgets:
+        parts = [getattr(widget, name, None) for name in ("layout", "style")]
+        widget.close()
+        for part in parts:
+            if part is not None and hasattr(part, "close"):
+                part.close()

@@ -1,0 +1,80 @@
+"""The metric plot: real matplotlib drawing, PNG bytes checked with PIL."""
+
+import io
+import math
+
+import pytest
+from PIL import Image
+
+from notebook_launcher.state import Series
+from notebook_launcher.ui.plot import DRAWN_POINTS, MAX_PANELS, MetricsPlot, smooth, thin
+
+
+def filled(values, start=0):
+    series = Series()
+    for step, value in enumerate(values, start):
+        series.add(step, value)
+    return series
+
+
+def decode(png):
+    return Image.open(io.BytesIO(png))
+
+
+def test_smoothing_is_a_debiased_moving_average():
+    assert smooth([3.0, 3.0, 3.0], 0.9) == pytest.approx([3.0, 3.0, 3.0])   # no pull towards 0
+    assert smooth([1.0, 0.0], 0.5) == pytest.approx([1.0, 1 / 3])
+    assert smooth([1.0, 2.0], 0.0) == [1.0, 2.0]
+    out = smooth([1.0, math.nan, 1.0], 0.5)
+    assert math.isnan(out[1]) and out[2] == pytest.approx(1.0)
+
+
+def test_thin_caps_the_drawn_points_and_keeps_the_last_step():
+    xs, ys = thin(list(range(10_001)), [float(i) for i in range(10_001)])
+    assert len(xs) <= DRAWN_POINTS and xs[-1] == 10_000
+    assert all(y <= x for x, y in zip(xs, ys))
+
+
+def test_render_nothing_without_points():
+    plot = MetricsPlot()
+    assert plot.render({}) is None
+    assert plot.render({"loss": Series()}) is None
+
+
+def test_one_panel_per_metric_reusing_one_figure():
+    plot = MetricsPlot()
+    series = {name: filled([1.0 / (i + 1) for i in range(500)]) for name in ("loss", "acc", "lr")}
+    first = decode(plot.render(series))
+    figure = plot.figure
+    assert len(figure.axes) == 3 and first.size[0] > 600
+    again = decode(plot.render(series, names=["loss"]))
+    assert plot.figure is figure and len(figure.axes) == 1        # same Figure, rebuilt panels
+    assert again.size[1] < first.size[1] + 5
+    many = {f"m{i}": filled([float(i)] * 10) for i in range(MAX_PANELS + 3)}
+    plot.render(many)
+    assert len(plot.figure.axes) == MAX_PANELS                     # the rest stay in the table
+
+
+def test_log_scale_only_for_positive_series():
+    plot = MetricsPlot()
+    positive = {"loss": filled([10.0 ** -(i / 100) for i in range(500)])}
+    plot.render(positive, log_scale=True)
+    assert plot.figure.axes[0].get_yscale() == "log"
+    signed = {"loss": filled([math.sin(i / 10) for i in range(500)])}
+    plot.render(signed, log_scale=True)
+    assert plot.figure.axes[0].get_yscale() == "linear"
+
+
+def test_a_long_run_makes_a_small_png(tmp_path):
+    plot = MetricsPlot()
+    series = {"loss": Series(), "accuracy": Series()}
+    for step in range(20_000):
+        series["loss"].add(step, 2.3 * math.exp(-step / 4000) + 0.05 * math.sin(step))
+        series["accuracy"].add(step, 1 - math.exp(-step / 3000))
+    png = plot.render(series, final=True)
+    assert png.startswith(b"\x89PNG") and len(png) < 40_000
+    (tmp_path / "curves.png").write_bytes(png)
+    image = decode(png)
+    assert image.size == (plot.canvas.get_width_height())
+    colours = image.convert("RGB").getcolors(maxcolors=256)
+    assert colours is not None and len(colours) > 8                # lines drawn, not a blank image
