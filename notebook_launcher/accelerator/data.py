@@ -127,7 +127,8 @@ class ShardedBatchSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list]:
-        yield from rank_batches(self.order.order(self.epoch), self.layout)[self.skip:]
+        # Eager on purpose: epoch and skip are read now, when the loader creates its iterator.
+        return iter(rank_batches(self.order.order(self.epoch), self.layout)[self.skip:])
 
     def __len__(self) -> int:
         n, size = self.num_indices, self.layout.global_batch
@@ -169,7 +170,7 @@ class BatchShardSampler(Sampler):
         return batches[self.process_index::world]
 
     def __iter__(self) -> Iterator[list]:
-        yield from self._batches()[self.skip:]
+        return iter(self._batches()[self.skip:])  # eager, like ShardedBatchSampler
 
     def __len__(self) -> int:
         n, world = len(self.batch_sampler), self.num_processes
@@ -185,8 +186,8 @@ class FlatSampler(Sampler):
         self.shard = shard
 
     def __iter__(self):
-        for batch in self.shard:
-            yield from batch
+        batches = iter(self.shard)  # the shard reads epoch and skip now
+        return (index for batch in batches for index in batch)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -205,6 +206,14 @@ class IterableShard(IterableDataset):
             self.dataset.set_epoch(epoch)
 
     def __iter__(self):
+        return self._items(self.skip * self.layout.batch_size)  # skip is read now, not on first next()
+
+    def _items(self, skip: int):
+        for position, item in enumerate(self._mine()):
+            if position >= skip:  # a stream cannot seek: skipped items are still read
+                yield item
+
+    def _mine(self):
         size, per_rank = self.layout.global_batch, self.layout.batch_size
         start = self.layout.process_index * per_rank
         first, buffer = None, []
@@ -218,6 +227,16 @@ class IterableShard(IterableDataset):
             if self.layout.even_batches:  # complete it from the first global batch, like map-style data
                 buffer = (buffer + first)[:size] if first else _cycle_pad(buffer, size)
             yield from buffer[start: start + per_rank]
+
+    def __len__(self) -> int:
+        n = len(self.dataset)  # TypeError for a stream without a length, as DataLoader expects
+        size, per_rank = self.layout.global_batch, self.layout.batch_size
+        if self.layout.drop_last:
+            return n // size * per_rank
+        if self.layout.even_batches:
+            return -(-n // size) * per_rank
+        full, rest = divmod(n, size)
+        return full * per_rank + min(per_rank, max(0, rest - self.layout.process_index * per_rank))
 
     @property
     def remainder(self) -> int:
@@ -395,7 +414,7 @@ def shard_data_loader(loader: DataLoader, state: ProcessState, gradient_state: G
         if split_batches:
             raise ValueError("split_batches=True is not supported with a custom batch_sampler; "
                              "give each rank its batches with split_batches=False.")
-        shard = BatchShardSampler(loader.batch_sampler, world, rank, even_batches)
+        shard = BatchShardSampler(loader.batch_sampler, world, rank, even_batches and world > 1)
         build = dict(dataset=loader.dataset, batch_sampler=shard, shard=shard)
     extra = dict(gradient_state=gradient_state, device=state.device if device_placement else None,
                  non_blocking=bool(getattr(loader, "pin_memory", False)))
@@ -418,7 +437,8 @@ def _layout(batch_size: Optional[int], drop_last: bool, state: ProcessState, spl
                 f"{batch_size} does not divide by {world}. Use a batch size that is a multiple of {world}."
             )
         batch_size //= world
-    return Layout(batch_size, world, state.process_index, drop_last, even_batches)
+    # One process has nobody to keep in step with: its last batch stays short, as without prepare().
+    return Layout(batch_size, world, state.process_index, drop_last, even_batches and world > 1)
 
 
 def _order(sampler: Sampler, seed: Callable) -> tuple:
