@@ -1,0 +1,166 @@
+"""Every notebook in notebooks/, executed top to bottom by nbclient in a real kernel, on CPU.
+
+Cells are found by their ids (set in the notebooks), and each test checks what a reader
+must see in that cell: the dashboard's final summary, the loss plot, the numbers coming
+back, the failing rank and its traceback, the stop button's effect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(REPO, "notebooks")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+CELL_TIMEOUT = 120       # seconds for one cell; a whole notebook takes 10-60 s on 2 cores
+SAVED_SIZE_LIMIT = 400_000  # bytes of an executed notebook: summaries and PNGs, no widget state
+
+
+def execute(name: str, workdir) -> tuple:
+    """Run ``notebooks/<name>`` in a fresh kernel (cwd: ``workdir``); return (notebook, seconds)."""
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT, startup_timeout=60, kernel_name="python3",
+                            resources={"metadata": {"path": str(workdir)}})
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}   # the CPU path, on every machine
+    env.pop("PYTEST_CURRENT_TEST", None)
+    started = time.monotonic()
+    client.execute(env=env)   # starts, and always shuts down and reaps, its own kernel
+    return nb, time.monotonic() - started
+
+
+def cell(nb, cell_id: str):
+    return next(c for c in nb.cells if c.get("id") == cell_id)
+
+
+def text(c, stream: str = None) -> str:
+    return "".join(o.text for o in c.outputs if o.output_type == "stream" and stream in (None, o.name))
+
+
+def displays(c) -> list:
+    return [o.data for o in c.outputs if o.output_type in ("display_data", "execute_result")]
+
+
+def error(c):
+    return next((o for o in c.outputs if o.output_type == "error"), None)
+
+
+def final_summary(c) -> dict:
+    """The dashboard's static summary (it replaced the live widgets when the run ended)."""
+    summaries = [d for d in displays(c) if "text/html" in d and "elapsed" in d["text/html"]]
+    assert summaries, f"no static summary among {[list(d) for d in displays(c)]}"
+    return summaries[0]
+
+
+def assert_saved_notebook_is_static(nb, tmp_path) -> None:
+    """A saved run keeps summaries and PNGs, not widget views that need a live kernel."""
+    for c in nb.cells:
+        for data in displays(c) if c.cell_type == "code" else []:
+            assert WIDGET_VIEW not in data, f"cell {c.id} kept a live widget view"
+    path = tmp_path / "saved.ipynb"
+    nbformat.write(nb, str(path))
+    assert path.stat().st_size < SAVED_SIZE_LIMIT, f"executed notebook is {path.stat().st_size:,} bytes"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb")))
+def test_notebooks_are_committed_without_outputs(name):
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    nbformat.validate(nb)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{name}: cell {c.id} has outputs"
+    assert os.path.getsize(os.path.join(NOTEBOOKS, name)) < 30_000
+
+
+def test_01_quickstart(tmp_path):
+    nb, seconds = execute("01-quickstart.ipynb", tmp_path)
+    assert "1400 training and 397 test images" in text(cell(nb, "data"))
+
+    launch = cell(nb, "launch")
+    assert error(launch) is None
+    assert text(launch).startswith("Launching on 2 CPU processes (gloo, fork)")
+    summary = final_summary(launch)
+    assert "succeeded" in summary["text/html"] and "succeeded" in summary["text/plain"]
+    assert "12/12" in summary["text/html"]                     # the epoch bar ended full
+    assert any("image/png" in d for d in displays(launch)), "no loss plot in the summary"
+    log = [d for d in displays(launch) if "[rank0]: epoch 12/12" in d.get("text/plain", "")]
+    assert log, "rank 0's output lines are not in the summary"
+
+    accuracy = float(re.search(r"2 workers, 252 steps each, test accuracy ([\d.]+)", text(cell(nb, "result"))).group(1))
+    assert accuracy > 0.9
+    back = float(re.search(r"computed in the notebook: ([\d.]+)", text(cell(nb, "weights-back"))).group(1))
+    assert back == pytest.approx(accuracy, abs=1e-3)           # the weights came back intact
+    assert any("image/png" in d for d in displays(cell(nb, "digits-plot")))
+    assert_saved_notebook_is_static(nb, tmp_path)
+    assert seconds < 90
+
+
+def test_03_when_things_go_wrong(tmp_path):
+    nb, seconds = execute("03-when-things-go-wrong.ipynb", tmp_path)
+
+    shown = cell(nb, "error-shown")
+    err = error(shown)
+    assert err is not None and err.ename == "WorkerError"
+    assert err.evalue.startswith("rank 1 failed: ValueError: bad batch at step 5")
+    assert "--- traceback from rank 1 ---" in err.evalue
+    assert 'raise ValueError(f"bad batch at step {step}' in err.evalue   # the notebook's own line
+    assert "failed" in final_summary(shown)["text/html"] and "rank 1 failed" in final_summary(shown)["text/html"]
+
+    caught = text(cell(nb, "error-caught"))
+    assert "failed rank:        1" in caught
+    assert "original exception: ValueError('bad batch at step 5: labels out of range')" in caught
+    assert "workers left:       []" in caught
+
+    killed = text(cell(nb, "killed"))
+    assert killed.startswith("rank 1 failed: killed by SIGKILL")
+    assert "signal: 9 | workers left: []" in killed
+
+    hang = text(cell(nb, "hang"))
+    stopped = float(re.search(r"stopped after ([\d.]+) s", hang).group(1))
+    assert 3 <= stopped < 20
+    assert "no progress for 3s (stall_timeout)" in hang and "in all_reduce" in hang
+
+    interrupt = cell(nb, "interrupt")
+    after = re.search(r"KeyboardInterrupt after ([\d.]+) s; workers left: \[\]", text(interrupt))
+    assert after, text(interrupt)
+    assert 2 <= float(after.group(1)) < 6          # the timer fires at 2 s; teardown within ~2 s
+    assert "interrupted" in final_summary(interrupt)["text/html"]
+
+    next_launch = cell(nb, "next-launch")
+    assert displays(next_launch) == [{"text/plain": "3.0"}]
+
+    assert "CUDA initialized in this kernel: False | start_method: spawn" in text(cell(nb, "cuda-init"))
+    spawn = text(cell(nb, "spawn"))
+    fork_line = next(line for line in spawn.splitlines() if line.lstrip().startswith("fork:"))
+    spawn_line = next(line for line in spawn.splitlines() if line.startswith("spawn:"))
+    for line in (fork_line, spawn_line):
+        assert "'value': 100.0" in line and "'value': 101.0" in line   # the notebook global travelled
+    assert_saved_notebook_is_static(nb, tmp_path)
+    assert seconds < 90
+
+
+def test_04_kaggle_colab_multi_gpu(tmp_path):
+    nb, seconds = execute("04-kaggle-colab-multi-gpu.ipynb", tmp_path)
+    report = text(cell(nb, "env-report"))
+    assert re.search(r"running in:\s+jupyter", report)
+    assert re.search(r"CUDA initialized here:\s+no", report)
+    assert re.search(r"widgets dashboard:\s+yes", report)
+
+    check = text(cell(nb, "cli-test"))
+    assert "rank 0 (cpu, gloo): ok" in check and "rank 1 (cpu, gloo): ok" in check
+    assert "PASS: 2 processes (gloo)" in check
+
+    assert ("notebook_launcher(train, **{'num_processes': None, 'mixed_precision': 'no'}) starts 2 CPU workers"
+            in text(cell(nb, "settings")))
+    training = cell(nb, "training")
+    assert "succeeded" in final_summary(training)["text/html"]
+    result = text(training).strip().splitlines()[-1]
+    assert json.loads(result.replace("'", '"'))["test_accuracy"] > 0.8
+    assert_saved_notebook_is_static(nb, tmp_path)
+    assert seconds < 90
