@@ -12,6 +12,7 @@ import random
 
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  DDP's constructor imports it (~2.5 s); once here, forked workers inherit it
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
