@@ -164,6 +164,11 @@ class MetricsPlot:
         image = Image.frombuffer("RGBA", (width, height), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
         # A palette of 128 colours keeps anti-aliased lines smooth at a third of the size.
         image = image.convert("RGB").quantize(128, method=Image.Quantize.FASTOCTREE)
+        palette = image.getpalette()
+        for index in range(0, len(palette) - 2, 3):  # the background stays pure white
+            if min(palette[index:index + 3]) >= 250:
+                palette[index:index + 3] = [255, 255, 255]
+        image.putpalette(palette)
         buffer = io.BytesIO()
         image.save(buffer, format="png", optimize=False)
         return buffer.getvalue()

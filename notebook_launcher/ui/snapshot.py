@@ -67,7 +67,8 @@ def build(state: RunState, title: str, prefix: Callable[[int], str], png: Option
         caption = (f"last {shown:,} of {state.lines_seen:,} output lines" if state.lines_seen > shown
                    else f"{shown:,} output line{'s' if shown != 1 else ''}")
         log_html = (f'<div style="{fragments.FONT} color: #666;">{caption}</div>'
-                    f'<pre style="{fragments.MONO} max-height: 240px; overflow-y: auto; margin: 0;">'
-                    f"{fragments.log_lines(state, prefix, log_lines)}</pre>")
+                    f'<div style="display: flex; flex-direction: column-reverse; max-height: 240px; overflow-y: auto;">'
+                    f'<pre style="{fragments.MONO} margin: 0;">{fragments.log_lines(state, prefix, log_lines)}</pre>'
+                    f"</div>")
         log_text = "\n".join(prefix(rank) + line for rank, _, line in list(state.log)[-log_lines:])
     return Snapshot(summary, text, png, log_html, log_text)

@@ -246,6 +246,9 @@ class WidgetsView(View):
         self._handle.update(first, raw=True)
         for bundle in rest:
             display(bundle, raw=True)
+        # Empty the big values first: tools that save widget state (nbclient, "save widget
+        # state" in JupyterLab) keep a closed widget's last state in the notebook's metadata.
+        self.image.value, self.log.value, self.tables.value = b"", "", ""
         self.close()  # the widgets' kernel side goes; the notebook keeps the summary
 
     def _freeze(self, snap: snapshot.Snapshot) -> None:
