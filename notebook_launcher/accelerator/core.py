@@ -28,8 +28,13 @@ from .data import DataLoaderShard, shard_data_loader
 from .state import DistributedType, GradientState, ProcessState, check_mixed_precision_name, default_mixed_precision, detect
 from .wrappers import AcceleratedOptimizer, AcceleratedScheduler
 
-# Models and optimizers already given to some Accelerator's prepare() in this process.
-_PREPARED: "weakref.WeakSet" = weakref.WeakSet()
+# Models and optimizers already given to some Accelerator's prepare() in this process. A
+# forked worker starts with an empty set: what the notebook prepared is a fresh copy there.
+_prepared_in: dict = {}
+
+
+def _prepared() -> "weakref.WeakSet":
+    return _prepared_in.setdefault(os.getpid(), weakref.WeakSet())
 
 _HANDLER_KINDS = {
     "DistributedDataParallelKwargs": "ddp",
@@ -230,7 +235,7 @@ class Accelerator:
                       evaluation_mode: bool = False) -> torch.nn.Module:
         """One model: on the device, under autocast when mixed precision, in DDP when distributed."""
         inner = model.module if isinstance(model, DistributedDataParallel) else model
-        if inner in _PREPARED or model in _PREPARED:
+        if inner in _prepared() or model in _prepared():
             raise ValueError(
                 f"This {type(inner).__name__} was already passed to prepare(). Prepare each model once and "
                 "keep using the object prepare() returned (a new Accelerator needs a new model)."
@@ -243,24 +248,26 @@ class Accelerator:
         if self._mixed_precision != "no":
             precision.install_autocast_forward(model, self._mixed_precision, self.device,
                                                self._handler_kwargs.get("autocast"))
-        _PREPARED.add(model)
+        else:
+            precision.remove_autocast_forward(model)  # left by a prepare() in the notebook, before a fork
+        _prepared().add(model)
         trainable = any(p.requires_grad for p in model.parameters())
         if self.use_distributed and trainable and not evaluation_mode:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
                                             **self._handler_kwargs.get("ddp", {}))
-            _PREPARED.add(model)
+            _prepared().add(model)
         self._models.append(model)
         return model
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, device_placement: Optional[bool] = None):
         """One optimizer, wrapped so `step` knows about accumulation and the fp16 scaler."""
-        if isinstance(optimizer, AcceleratedOptimizer) or optimizer in _PREPARED:
+        if isinstance(optimizer, AcceleratedOptimizer) or optimizer in _prepared():
             raise ValueError("This optimizer was already passed to prepare(); prepare each optimizer once.")
         place = self.device_placement if device_placement is None else device_placement
         if place and optimizer.state:
             _move_optimizer_state(optimizer, self.device)
-        _PREPARED.add(optimizer)
+        _prepared().add(optimizer)
         wrapped = AcceleratedOptimizer(optimizer, self.gradient_state, self.scaler)
         self._optimizers.append(wrapped)
         return wrapped

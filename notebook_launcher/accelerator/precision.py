@@ -140,6 +140,7 @@ class AutocastForward:
 
 def install_autocast_forward(module: torch.nn.Module, mixed_precision: str, device: torch.device,
                              autocast_kwargs: Optional[dict] = None) -> None:
+    remove_autocast_forward(module)  # e.g. prepared in the notebook, then again in a forked worker
     module.forward = AutocastForward(module, mixed_precision, device, autocast_kwargs)
 
 
