@@ -88,7 +88,10 @@ class Kernel:
                 result.traceback = "\n".join(content["traceback"])
             elif kind == "status" and content["execution_state"] == "idle":
                 break
-        reply = self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+        while True:  # skip replies to anything else (e.g. widget comm requests)
+            reply = self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
         result.status = reply["content"]["status"]
         result.seconds = time.monotonic() - start
         return result
