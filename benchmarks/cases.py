@@ -60,8 +60,23 @@ def _repo() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build(rows, wheres, nprocs, steps: int, state_mb: float, report_calls: int) -> list:
-    """Every case of one round."""
+def build(rows, wheres, nprocs, steps: int, state_mb: float, report_calls: int,
+          only: tuple = contenders.ALL) -> list:
+    """Every case of one round, for the contenders in ``only``."""
+    cases = [case for case in _all_cases(rows, wheres, nprocs, steps, state_mb, report_calls)
+             if _contender(case) in only]
+    return cases
+
+
+def _contender(case: Case) -> str:
+    if case.row == "throughput":
+        return throughput.VARIANTS[case.label][0]
+    if case.row == "report":
+        return "ours-fork"
+    return case.label
+
+
+def _all_cases(rows, wheres, nprocs, steps, state_mb, report_calls) -> list:
     cases = []
     first_n = nprocs[0]
     for where in wheres:

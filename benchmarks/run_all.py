@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from benchmarks import cases, table  # noqa: E402
+from benchmarks import cases, contenders, table  # noqa: E402
 from benchmarks.kernel_runner import KernelRunner  # noqa: E402
 from benchmarks.process_runner import ProcessRunner  # noqa: E402
 
@@ -45,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="training steps per throughput run (default 400)")
     parser.add_argument("--state-mb", type=float, default=None, help="size of the returned state_dict (default 100)")
     parser.add_argument("--report-calls", type=int, default=None, help="report() calls timed per run (default 50000)")
+    parser.add_argument("--contenders", default=",".join(contenders.ALL),
+                        help="comma-separated subset of the launchers to run")
     parser.add_argument("--no-warmup", action="store_true", help="count the first round too")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each case's time as it runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled case order")
     parser.add_argument("--json", default=None, help="also write every raw measurement to this file")
     args = parser.parse_args(argv)
@@ -53,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.repeats = args.repeats if args.repeats is not None else (1 if quick else 5)
     args.rows = _subset(args.rows, ROWS, "--rows")
     args.where = _subset(args.where, WHERES, "--where")
+    args.contenders = _subset(args.contenders, contenders.ALL, "--contenders")
     args.nprocs = [int(n) for n in (args.nprocs or ("2" if quick else "2,4")).split(",")]
     args.steps = args.steps or (40 if quick else 400)
     args.state_mb = args.state_mb or (20.0 if quick else 100.0)
@@ -70,15 +74,25 @@ def _subset(text: str, allowed: tuple, option: str) -> list:
 
 def machine() -> str:
     """One paragraph describing where the numbers come from."""
+    import subprocess
+    from importlib import metadata
+
     import psutil
-    import torch
 
     versions = []
-    for module in ("torch", "accelerate", "lightning", "ipykernel", "notebook_launcher"):
+    for package in ("torch", "accelerate", "lightning", "ipykernel", "notebook-launcher"):
         try:
-            versions.append(f"{module} {__import__(module).__version__}")
-        except Exception:
-            versions.append(f"{module} (not installed)")
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} (not installed)")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "notebook_launcher"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += " + uncommitted changes in notebook_launcher/" if dirty else ""
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "?"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -87,8 +101,7 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"{', '.join(versions)}, {torch.get_num_threads()} torch threads, "
-            f"cuda available: {torch.cuda.is_available()} (benchmarks use CPU/gloo)")
+            f"{', '.join(versions)}, commit {commit}")
 
 
 def start_hosts(families: set, wheres: list) -> dict:
@@ -127,7 +140,16 @@ def close_hosts(hosts: dict) -> None:
             print(f"closing {runner.name}: {exc}", file=sys.stderr)
 
 
-def run_rounds(case_list: list, hosts: dict, repeats: int, warmup: bool, seed: int) -> table.Results:
+class CaseFailed(Exception):
+    """The case's code raised in its host; carries what the host printed."""
+
+    def __init__(self, error: str, stdout: str) -> None:
+        super().__init__(error)
+        self.stdout = stdout
+
+
+def run_rounds(case_list: list, hosts: dict, repeats: int, warmup: bool, seed: int,
+               verbose: bool = False) -> table.Results:
     results = table.Results()
     rng = random.Random(seed)
     rounds = repeats + (1 if warmup else 0)
@@ -138,18 +160,24 @@ def run_rounds(case_list: list, hosts: dict, repeats: int, warmup: bool, seed: i
         started = time.monotonic()
         for case in order:
             runner = hosts[(case.where, case.family)]
+            case_started = time.monotonic()
             try:
                 output = runner.execute(case.code, timeout=case.timeout)
                 if not output.ok:
-                    raise RuntimeError(output.error.strip().splitlines()[-1] if output.error else "failed")
+                    raise CaseFailed(output.error.strip() or "failed", output.stdout)
                 value = cases.parse(output.stdout)
             except Exception as exc:
+                text = str(exc).strip()
                 if counted:
-                    results.fail(case.key, f"{type(exc).__name__}: {exc}")
-                print(f"  {case.key}: {exc}", file=sys.stderr)
+                    results.fail(case.key, text + (f"\n--- output ---\n{exc.stdout[-3000:]}"
+                                                   if isinstance(exc, CaseFailed) else ""))
+                print(f"  {case.key}: {text.splitlines()[-1] if text else type(exc).__name__}",
+                      file=sys.stderr)
                 continue
             if counted:
                 results.add(case.key, value)
+            if verbose:
+                print(f"  {time.monotonic() - case_started:6.2f} s  {case.key}", file=sys.stderr, flush=True)
         what = "warm-up round" if not counted else f"round {index + (0 if warmup else 1)} of {repeats}"
         print(f"{what}: {len(order)} cases in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return results
@@ -174,13 +202,14 @@ def leftover_processes() -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    case_list = cases.build(args.rows, args.where, args.nprocs, args.steps, args.state_mb, args.report_calls)
+    case_list = cases.build(args.rows, args.where, args.nprocs, args.steps, args.state_mb, args.report_calls,
+                            tuple(args.contenders))
     families = {case.family for case in case_list}
     print(f"notebook_launcher benchmarks: {len(case_list)} cases x {args.repeats} rounds"
           f"{'' if args.no_warmup else ' (+1 warm-up)'}", file=sys.stderr, flush=True)
     hosts = start_hosts(families, args.where)
     try:
-        results = run_rounds(case_list, hosts, args.repeats, not args.no_warmup, args.seed)
+        results = run_rounds(case_list, hosts, args.repeats, not args.no_warmup, args.seed, args.verbose)
     finally:
         close_hosts(hosts)
     left = leftover_processes()
@@ -193,7 +222,9 @@ def main(argv=None) -> int:
     if results.errors:
         print("\nErrors:")
         for key, errors in sorted(results.errors.items()):
-            print(f"  {'/'.join(map(str, key))}: {len(errors)}x {errors[-1][:300]}")
+            last = errors[-1].split("\n--- output ---")[0].strip().splitlines()
+            print(f"  {'/'.join(map(str, key))}: {len(errors)} of {len(errors) + results.count(key)} "
+                  f"failed; last: {last[-1] if last else '?'}")
     if left:
         print(f"\nLEFT BEHIND: {[(p.pid, p.name()) for p in left]}")
     if args.json:

@@ -27,6 +27,9 @@ def trivial(out_dir, init):
     now = time.time()
     with open(os.path.join(out_dir, f"entry.{dist.get_rank()}"), "w") as f:
         f.write(repr(now))
+    # One collective, as any real function has: a rank must not exit while a peer is
+    # still connecting to it (gloo then fails that peer's setup).
+    dist.barrier()
     return dist.get_rank()
 
 

@@ -1,0 +1,63 @@
+"""Smoke test of the benchmark script (benchmarks/run_all.py) in a tiny configuration.
+
+The benchmark itself is not part of the test suite; this only checks that it runs end
+to end, from a plain process and from a real Jupyter kernel, prints every row with
+numbers, and leaves no process behind.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "run_all.py")
+SECTIONS = ("1. Launch latency", "2. From a rank raising", "3. Training throughput",
+            "4. report() cost", "5. Returning a")
+NUMBER = r"\d+\.\d+"
+
+
+def run_benchmark(*options: str, timeout: float = 100) -> str:
+    result = subprocess.run([sys.executable, SCRIPT, "--quick", "--no-warmup", *options],
+                            cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "LEFT BEHIND" not in result.stdout
+    assert "Errors:" not in result.stdout, result.stdout
+    return result.stdout
+
+
+def table_line(output: str, *cells: str) -> str:
+    """The table line that starts with these cells (columns are space-aligned)."""
+    pattern = r"^" + r"\s+".join(re.escape(c) for c in cells) + r"\s"
+    lines = [line for line in output.splitlines() if re.match(pattern, line)]
+    assert lines, f"no line starting with {cells} in:\n{output}"
+    return lines[0]
+
+
+@pytest.mark.timeout(150)
+def test_every_row_from_a_plain_process():
+    # Only our launcher, to stay fast: the peers' columns then read "-".
+    output = run_benchmark("--where", "plain", "--contenders", "ours-fork", "--steps", "10",
+                           "--state-mb", "8", "--report-calls", "2000")
+    assert output.startswith("Machine: ")
+    for section in SECTIONS:
+        assert section in output
+    for measure in ("all ranks in fn", "whole call", "raise -> error", "return -> value"):
+        assert re.search(NUMBER, table_line(output, "plain", measure, "2"))
+    throughput = table_line(output, "plain", "steps/s", "2")
+    assert len(re.findall(r"\d+(?:\.\d+)?", throughput)) >= 4 and "%" in throughput  # 3 variants, overheads
+    for values in ("float", "0-d tensor", "float, text"):
+        assert re.search(NUMBER + r"\s*$", table_line(output, "plain", values, "2"))
+    assert re.search(NUMBER, table_line(output, "plain", "outside a worker", "1"))
+    assert re.search(NUMBER, table_line(output, "plain", "peak extra MB", "2"))
+    assert "Targets: " in output
+
+
+@pytest.mark.timeout(150)
+def test_launch_row_from_a_jupyter_kernel():
+    output = run_benchmark("--where", "kernel", "--rows", "launch", "--contenders", "ours-fork,os.fork")
+    line = table_line(output, "kernel", "all ranks in fn", "2")
+    assert len(re.findall(NUMBER, line)) == 2  # ours and the bare os.fork floor
+    assert "2. From a rank raising" not in output
