@@ -44,6 +44,8 @@ def report(step: Optional[int] = None, **metrics) -> None:
     ctx = context.current()
     if ctx is None:
         return
+    if step is not None and type(step) is not int:
+        step = int(step)  # numpy ints, 0-d tensors: the parent gets plain data
     if ctx.local_rank == 0:  # the node's first rank is the one plotted
         values = {name: _number(name, value) for name, value in metrics.items()}
     else:

@@ -233,6 +233,7 @@ class WidgetsView(View):
         for _, _, bar, _ in self.bars:
             bar.bar_style = style
         self.snapshot = snapshot.build(state, self.title, self.prefix, png)
+        self._plot = None  # the figure's memory goes with the live plot
         if self.host is None and self._handle is not None:
             self._replace_output(self.snapshot)
         else:
