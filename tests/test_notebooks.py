@@ -7,6 +7,7 @@ back, the failing rank and its traceback, the stop button's effect.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -97,6 +98,37 @@ def test_01_quickstart(tmp_path):
     back = float(re.search(r"computed in the notebook: ([\d.]+)", text(cell(nb, "weights-back"))).group(1))
     assert back == pytest.approx(accuracy, abs=1e-3)           # the weights came back intact
     assert any("image/png" in d for d in displays(cell(nb, "digits-plot")))
+    assert_saved_notebook_is_static(nb, tmp_path)
+    assert seconds < 90
+
+
+def test_02_mixed_precision(tmp_path):
+    nb, seconds = execute("02-mixed-precision.ipynb", tmp_path)
+    assert "will compare: ['no', 'fp16', 'bf16']" in text(cell(nb, "precisions"))
+
+    runs = [ast.literal_eval(line) for line in text(cell(nb, "compare")).splitlines() if line.startswith("{")]
+    assert [run["precision"] for run in runs] == ["no", "fp16", "bf16"]
+    for run, dtype in zip(runs, ("torch.float32", "torch.float16", "torch.bfloat16")):
+        assert run["hidden_dtype"] == dtype              # autocast really ran the layer in that dtype
+        assert run["evaluated"] == 397                   # gather_for_metrics: no duplicates, none missing
+        assert run["test_accuracy"] > 0.9 and run["workers"] == 2 and run["device"] == "cpu"
+
+    interrupted = cell(nb, "interrupted")
+    assert "checkpoints: ['epoch_0', 'epoch_1', 'epoch_2']" in text(interrupted)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"):
+        assert name in text(interrupted)
+    assert "step 66" in final_summary(interrupted)["text/html"]   # 3 of 6 epochs of 22 steps
+
+    resumed_cell = cell(nb, "resumed")
+    assert "succeeded" in final_summary(resumed_cell)["text/html"]
+    assert any("resumed from checkpoints/digits/epoch_2: continuing at epoch 4" in d.get("text/plain", "")
+               for d in displays(resumed_cell))
+    resumed = ast.literal_eval(text(resumed_cell).strip().splitlines()[-1])
+    straight = runs[0]
+    assert (resumed["test_accuracy"], resumed["final_loss"]) == (straight["test_accuracy"], straight["final_loss"])
+    back = float(re.search(r"computed in the notebook: ([\d.]+)", text(cell(nb, "load-weights"))).group(1))
+    assert back == pytest.approx(resumed["test_accuracy"], abs=1e-4)
+    assert (tmp_path / "checkpoints" / "digits" / "epoch_5" / "model.safetensors").exists()
     assert_saved_notebook_is_static(nb, tmp_path)
     assert seconds < 90
 
