@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, TensorDataset
 
 from accelerator_helpers import StepCounter, prepare_model_twice
 from notebook_launcher import notebook_launcher
