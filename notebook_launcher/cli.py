@@ -20,7 +20,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="a short CPU (or GPU) training launched through the library")
-    demo.add_argument("-n", "--num-processes", type=int, default=2)
+    demo.add_argument("-n", "--num-processes", type=int, default=None,
+                      help="workers (default: one per GPU, or 2 CPU workers without GPUs)")
     demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--display", default="text", choices=["text", "none", "auto"])
     env = commands.add_parser("env", help="torch, CUDA, GPUs, NCCL, P2P, Colab/Kaggle, widgets (CUDA stays uninitialized)")
@@ -98,16 +99,17 @@ def report_test(results, num_processes: int, seconds: float) -> int:
             failures.append(f"rank {rank} returned {result!r}")
             continue
         state = "ok" if result["ok"] else "; ".join(result["problems"])
-        print(f"rank {rank} ({result['device']}, {result['backend']}): {state}; all_reduce "
-              f"{result['all_reduce_seconds'] * 1e3:.1f} ms, bus bandwidth {result['bus_gb_per_s']:.2f} GB/s")
+        timing = (f"all_reduce {result['all_reduce_seconds'] * 1e3:.1f} ms, bus bandwidth {result['bus_gb_per_s']:.2f} GB/s"
+                  if result["world_size"] > 1 else "no bandwidth with one process")
+        print(f"rank {rank} ({result['device']}, {result['backend']}): {state}; {timing}")
         if not result["ok"] or result["world_size"] != num_processes:
             failures.append(f"rank {rank}: {state}, world size {result['world_size']}")
     if failures:
         print("FAIL: " + " | ".join(failures))
         return 1
     first = results[0]
-    print(f"PASS: {num_processes} processes ({first['backend']}) agree on all_reduce, all_gather and "
-          f"broadcast; launch and checks took {seconds:.1f} s")
+    print(f"PASS: {num_processes} process{'es' if num_processes != 1 else ''} ({first['backend']}): all_reduce, "
+          f"all_gather and broadcast give the expected values; launch and checks took {seconds:.1f} s")
     return 0
 
 
