@@ -27,7 +27,8 @@ WATCH_JS = """
     for (const bar of document.querySelectorAll('.widget-hprogress .progress-bar')) {
       watch.progressSeen = true;
       const row = bar.closest('.widget-hprogress').parentElement;
-      const label = (row && row.firstElementChild ? row.firstElementChild.textContent : '').trim() || '?';
+      const label = (row && row.firstElementChild ? row.firstElementChild.textContent : '').trim();
+      if (!label) continue;   // the label text comes with the slower text updates
       const percent = parseFloat(bar.style.width || '0');
       if (!(label in watch.bars) || percent > watch.bars[label]) watch.bars[label] = percent;
     }
