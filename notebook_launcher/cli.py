@@ -73,6 +73,8 @@ def test_command(num_processes, device: str = "auto", size_mib: float = 8.0, tim
         num_processes = gpus if gpus >= 2 else 2
         if device == "auto" and gpus < 2:
             device = "cpu"   # one GPU cannot host two NCCL ranks; test the launch on CPU instead
+            if gpus == 1:
+                print("one GPU: checking 2 CPU workers (gloo); `test -n 1 --device cuda` checks the GPU with NCCL")
     started = time.monotonic()
     try:
         results = notebook_launcher(collective_check, kwargs={"size_mib": size_mib}, num_processes=num_processes,

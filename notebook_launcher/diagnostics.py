@@ -192,6 +192,13 @@ def _from_nvml() -> GpuInventory:
         nvml = ctypes.CDLL(NVML_LIBRARY)
     except OSError:
         return GpuInventory()
+    try:
+        return _query_nvml(nvml)
+    except AttributeError as exc:  # a driver too old for one of the calls: nvidia-smi may still work
+        return GpuInventory(error=f"NVML lacks {exc}")
+
+
+def _query_nvml(nvml) -> GpuInventory:
     if nvml.nvmlInit_v2() != 0:
         return GpuInventory(error="NVML is installed but did not initialize (driver not loaded?)")
     try:
