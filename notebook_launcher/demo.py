@@ -43,14 +43,16 @@ def train(epochs: int = 8, batch_size: int = 32, lr: float = 0.05) -> dict:
     train_x, train_y, test_x, test_y, name = load_data()
     if rank == 0:
         print(f"data: {name}; {world} ranks x batch {batch_size}")
+    device = _device()
+    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
     shard_x, shard_y = train_x[rank::world], train_y[rank::world]
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    ddp = nn.parallel.DistributedDataParallel(model)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
     steps_per_epoch = len(shard_x) // batch_size
     step, loss = 0, torch.tensor(0.0)
     for epoch in progress(range(epochs), desc="epoch"):
-        perm = torch.randperm(len(shard_x), generator=torch.Generator().manual_seed(epoch))
+        perm = torch.randperm(len(shard_x), generator=torch.Generator().manual_seed(epoch)).to(device)
         for i in progress(range(steps_per_epoch), desc="batch"):
             idx = perm[i * batch_size:(i + 1) * batch_size]
             loss = nn.functional.cross_entropy(ddp(shard_x[idx]), shard_y[idx])
@@ -66,12 +68,20 @@ def train(epochs: int = 8, batch_size: int = 32, lr: float = 0.05) -> dict:
     return {"test_accuracy": accuracy, "final_loss": loss.item(), "steps": step, "world_size": world}
 
 
+def _device() -> torch.device:
+    """This worker's device: the GPU the launcher pinned, or the CPU."""
+    from .workers import context
+
+    ctx = context.current()
+    return torch.device(ctx.device if ctx is not None else "cpu")
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Accuracy over the whole test set, each rank scoring its share, summed with all_reduce."""
     rank, world = dist.get_rank(), dist.get_world_size()
     with torch.no_grad():
         correct = (model(x[rank::world]).argmax(1) == y[rank::world]).sum().float()
-    counts = torch.stack([correct, torch.tensor(float(len(y[rank::world])))])
+    counts = torch.stack([correct, torch.tensor(float(len(y[rank::world])), device=correct.device)])
     dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()
 
