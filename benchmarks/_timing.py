@@ -143,3 +143,52 @@ def _status_kb(field: str) -> int:
     import psutil
 
     return psutil.Process().memory_info().rss // 1024
+
+
+class CPUTrace:
+    """Samples this process's CPU time (all its threads) against the wall clock, so that
+    the CPU it used during any window inside the block can be read afterwards.
+
+    Example::
+
+        with CPUTrace() as trace:
+            run()
+        trace.used(start, end)   # CPU seconds between two time.time() stamps
+    """
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self.samples: list = []
+
+    def __enter__(self) -> "CPUTrace":
+        self._take()
+        self._thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._take()
+
+    def _take(self) -> None:
+        times = os.times()
+        self.samples.append((time.time(), times.user + times.system))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._take()
+
+    def used(self, start: float, end: float) -> float:
+        """CPU seconds used between ``start`` and ``end`` (linear between samples)."""
+        return self._at(end) - self._at(start)
+
+    def _at(self, when: float) -> float:
+        samples = self.samples
+        if when <= samples[0][0]:
+            return samples[0][1]
+        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+            if t0 <= when <= t1:
+                return c0 + (c1 - c0) * ((when - t0) / (t1 - t0) if t1 > t0 else 1.0)
+        return samples[-1][1]

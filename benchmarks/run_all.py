@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--report-calls", type=int, default=None, help="report() calls timed per run (default 50000)")
     parser.add_argument("--contenders", default=",".join(contenders.ALL),
                         help="comma-separated subset of the launchers to run")
+    parser.add_argument("--dashboard-script", choices=("auto", "on", "off"), default="auto",
+                        help="also run benchmarks/dashboard_overhead.py (issue 3's measurement of row 4); "
+                             "auto: on unless --quick")
     parser.add_argument("--no-warmup", action="store_true", help="count the first round too")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each case's time as it runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled case order")
@@ -175,12 +178,55 @@ def run_rounds(case_list: list, hosts: dict, repeats: int, warmup: bool, seed: i
                       file=sys.stderr)
                 continue
             if counted:
+                value["round"] = index
                 results.add(case.key, value)
             if verbose:
                 print(f"  {time.monotonic() - case_started:6.2f} s  {case.key}", file=sys.stderr, flush=True)
         what = "warm-up round" if not counted else f"round {index + (0 if warmup else 1)} of {repeats}"
         print(f"{what}: {len(order)} cases in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return results
+
+
+def dashboard_script(steps: int, rounds: int, timeout: float = 1200) -> str:
+    """Output of benchmarks/dashboard_overhead.py (another measurement of row 4: report()
+    cost and the widgets dashboard's cost on a DDP loop in a kernel), run in a session of
+    its own that is killed whatever happens."""
+    import signal
+    import subprocess
+
+    path = os.path.join(REPO, "benchmarks", "dashboard_overhead.py")
+    if not os.path.exists(path):
+        return "(benchmarks/dashboard_overhead.py is not there)"
+    process = subprocess.Popen([sys.executable, path, "--steps", str(steps), "--rounds", str(rounds)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        output = f"(timed out after {timeout:.0f} s)"
+    finally:
+        _kill_tree(process.pid)  # its kernel runs in a session of its own
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+    lines = [line for line in output.splitlines() if "WARNING | Kernel is running over TCP" not in line]
+    return "\n".join(lines).strip() + ("" if process.returncode in (0, -9) else f"\n(exit status {process.returncode})")
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for proc in descendants:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def leftover_processes() -> list:
@@ -212,12 +258,19 @@ def main(argv=None) -> int:
         results = run_rounds(case_list, hosts, args.repeats, not args.no_warmup, args.seed, args.verbose)
     finally:
         close_hosts(hosts)
+    extra = ""
+    if "report" in args.rows and (args.dashboard_script == "on" or args.dashboard_script == "auto" and not args.quick):
+        print("running benchmarks/dashboard_overhead.py", file=sys.stderr, flush=True)
+        extra = dashboard_script(steps=max(args.steps * 4, 1000), rounds=max(3, args.repeats))
     left = leftover_processes()
     targets: list = []
     print(f"Machine: {machine()}")
     print(f"Medians of {args.repeats} rounds{'' if args.no_warmup else ' after 1 warm-up round'}; "
           f"cases shuffled in each round; launch row on CPU with gloo.")
     print(table.render(results, args.rows, args.where, args.nprocs, args.state_mb, targets))
+    if extra:
+        print("\n4b. benchmarks/dashboard_overhead.py (issue 3's own measurement, run by this script):")
+        print("\n".join("   " + line for line in extra.splitlines()))
     print("\nTargets: " + "; ".join(f"{name}: {verdict}" for name, verdict in targets))
     if results.errors:
         print("\nErrors:")

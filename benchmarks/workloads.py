@@ -108,6 +108,8 @@ def train(out_dir, init, steps, use_report, seed=0):
         return None
     with open(os.path.join(out_dir, "rate.0"), "w") as f:  # accelerate's launcher returns None
         f.write(repr(rate))
+    with open(os.path.join(out_dir, "loop.0"), "w") as f:  # when the timed loop ran, wall clock
+        f.write(repr(time.time() - steps / rate))
     return rate
 
 
