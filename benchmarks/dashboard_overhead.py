@@ -207,7 +207,7 @@ def main() -> None:
     kernel = Kernel()
     try:
         kernel.run(KERNEL_SETUP + REPORT_COST)
-        costs, _ = kernel.value(f'notebook_launcher(report_cost, args=({options.calls},), num_processes=2, display="none")')
+        costs, _ = kernel.value(f'notebook_launcher(report_cost, args=({options.calls},), num_processes=2, device="cpu", display="none")')
         print(f"report() cost per call (rank 0 of 2 CPU workers, median of batches of 500, 2 metrics):")
         for label, micros in costs.items():
             print(f"  {label:<12} {micros:6.2f} us")
@@ -219,7 +219,7 @@ def main() -> None:
         for index in range(options.rounds):
             for label, reporting, display in (CONFIGS if index % 2 == 0 else CONFIGS[::-1]):  # cancels drift
                 rate, comms = kernel.value(
-                    f'notebook_launcher(train, args=({options.steps}, {reporting}), num_processes=2, display="{display}")')
+                    f'notebook_launcher(train, args=({options.steps}, {reporting}), num_processes=2, device="cpu", display="{display}")')
                 rates[label].append(rate)
                 messages[label].append(comms)
         base = statistics.median(rates[CONFIGS[1][0]])
