@@ -7,6 +7,10 @@ Public API:
   0's result. Drop-in for HF accelerate's ``notebook_launcher``.
 - `report(step=None, **metrics)` and `progress(iterable)`: called inside the function,
   they feed the live dashboard; outside a worker they are harmless no-ops.
+- `Accelerator`, `ProjectConfiguration`: the training toolkit for inside the function,
+  with HF accelerate's API (prepare, backward, autocast, accumulate, gather_for_metrics,
+  save_state/load_state, ...) and the launcher's ``mixed_precision`` really applied.
+- `Run`: the handle ``notebook_launcher(..., block=False)`` returns.
 - `WorkerError`: raised in the cell when a worker fails; names the rank that failed
   first and carries its traceback. A subclass of torch's ``ChildFailedError``.
 - `LaunchConfigError`: bad arguments, raised before any process starts.
@@ -24,10 +28,12 @@ Example::
     notebook_launcher(train, args=(10,), num_processes=2)   # 30.0
 """
 
+from .accelerator import Accelerator, ProjectConfiguration
 from .api import notebook_launcher
 from .errors import LaunchConfigError, WorkerError
 from .reporting import progress, report
 from .run import Run
 
-__all__ = ["notebook_launcher", "report", "progress", "Run", "WorkerError", "LaunchConfigError"]
+__all__ = ["notebook_launcher", "report", "progress", "Accelerator", "ProjectConfiguration", "Run",
+           "WorkerError", "LaunchConfigError"]
 __version__ = "0.1.0"

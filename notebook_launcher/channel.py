@@ -101,6 +101,10 @@ class WorkerChannel:
         if self._flusher is None:
             self._start_flusher()
 
+    def flush(self) -> None:
+        """Send what was posted so far, now."""
+        self._flush()
+
     def close(self) -> None:
         """Flush what was posted and stop the flusher."""
         self._stop = True

@@ -14,15 +14,25 @@ import importlib.util
 import sys
 
 
-def prepare_accelerate_for_cpu_workers() -> None:
-    """Call in a CPU worker after the process group is ready."""
+def prepare_accelerate(cpu: bool) -> None:
+    """Call in every worker after the process group is ready.
+
+    A forked worker inherits whatever accelerate state the notebook already created (a
+    one-process state): it is dropped, so accelerate starts over inside the job. On CPU
+    the shared state is then created with ``cpu=True``.
+    """
     module = sys.modules.get("accelerate.state")
     if module is not None:
-        _share_cpu_state(module)
-    elif "accelerate" not in sys.modules and importlib.util.find_spec("accelerate") is None:
-        return  # not installed: nothing to prepare
-    else:
+        _reset_inherited_state(module)
+        if cpu:
+            _share_cpu_state(module)
+    elif cpu and importlib.util.find_spec("accelerate") is not None:
         sys.meta_path.insert(0, _RunAfterImport("accelerate.state", _share_cpu_state))
+
+
+def _reset_inherited_state(state_module) -> None:
+    state_module.AcceleratorState._reset_state(reset_partial_state=True)
+    state_module.GradientState._reset_state()
 
 
 def _share_cpu_state(state_module) -> None:

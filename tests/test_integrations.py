@@ -25,3 +25,14 @@ def test_partial_state_sees_both_cpu_workers():
 def test_accelerator_sees_world_size_and_launcher_mixed_precision():
     got = notebook_launcher(accelerator, num_processes=2, return_all=True, display="none", mixed_precision="bf16")
     assert got == [(2, 0, "DistributedType.MULTI_CPU", "bf16"), (2, 1, "DistributedType.MULTI_CPU", "bf16")]
+
+
+def test_accelerate_state_made_in_the_notebook_does_not_leak_into_workers():
+    from accelerate import PartialState
+
+    PartialState()  # the notebook made a one-process state before launching
+    try:
+        got = notebook_launcher(partial_state, num_processes=2, return_all=True, display="none")
+    finally:
+        PartialState._reset_state()
+    assert [g[:2] for g in got] == [(2, 0), (2, 1)]

@@ -304,10 +304,9 @@ def _init_process_group(spec: WorkerSpec) -> None:
     if spec.rdzv_timeout is not None:
         wait_for_every_rank(spec.world_size, spec.rdzv_timeout)
     init_default_group(dist, spec.backend, spec.rank, spec.world_size, spec.device)
-    if spec.device == "cpu":
-        from ..integrations import prepare_accelerate_for_cpu_workers
+    from ..integrations import prepare_accelerate
 
-        prepare_accelerate_for_cpu_workers()
+    prepare_accelerate(cpu=spec.device == "cpu")
 
 
 def _finish_together() -> None:
