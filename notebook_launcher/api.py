@@ -55,7 +55,10 @@ def notebook_launcher(
             inside the workers.
         use_port: rendezvous port. None: a free port chosen by the system.
         master_addr, node_rank, num_nodes: where node 0 is, and which node this is.
-        rdzv_endpoint: "host:port" of node 0's store; overrides master_addr and use_port.
+        rdzv_endpoint: "host:port" of the rendezvous; overrides master_addr and use_port.
+        rdzv_backend: "static" (each node passes its node_rank; node 0 hosts the store) or
+            "c10d" (torch's c10d rendezvous assigns node ranks; rdzv_id names the job,
+            rdzv_conf passes torch's rendezvous options).
         max_restarts: restart every worker up to this many times after a failure.
         monitor_interval: seconds between checks of the workers when nothing happens.
         log_line_prefix_template: prefix of each output line, e.g. "[${rank}]: ".
@@ -93,12 +96,12 @@ def notebook_launcher(
 
         notebook_launcher(total, args=(10,), num_processes=2)   # -> 30
     """
-    del rdzv_conf, rdzv_id  # accepted for accelerate compatibility: node ranks are given, not negotiated
     master_addr, use_port = endpoint(rdzv_endpoint, master_addr, use_port)
     config = resolve(
         function, args, kwargs, num_processes, mixed_precision, use_port, master_addr, node_rank,
         num_nodes, rdzv_backend, max_restarts, monitor_interval, log_line_prefix_template,
         start_method, backend, device, return_all, display, stall_timeout, on_stall, rdzv_timeout,
+        rdzv_id, rdzv_conf,
     )
     for note in config.notes:
         print(note, file=sys.stderr)
@@ -126,5 +129,7 @@ def _banner(config) -> str:
     what = f"{config.nproc} GPU{'s' if config.nproc != 1 else ''}" if config.device_type == "cuda" \
         else f"{config.nproc} CPU process{'es' if config.nproc != 1 else ''}"
     nodes = f" on node {config.node_rank} of {config.num_nodes}" if config.num_nodes > 1 else ""
+    if config.num_nodes > 1 and config.rdzv_backend == "c10d":
+        nodes = f" on one of {config.num_nodes} nodes (c10d rendezvous)"
     precision = f", {config.mixed_precision}" if config.mixed_precision != "no" else ""
     return f"Launching on {what}{nodes} ({config.backend}, {config.start_method}{precision})"

@@ -49,6 +49,9 @@ class LaunchConfig:
     on_stall: str                   # "warn" | "raise"
     rdzv_timeout: float             # multi-node: seconds to wait for every rank to arrive
     environment: environment.Environment = field(repr=False)
+    rdzv_backend: str = "static"                   # "static": node ranks given; "c10d": negotiated
+    rdzv_id: str = "none"
+    rdzv_conf: dict = field(default_factory=dict)
     extra_env: dict = field(default_factory=dict)  # set in every worker (e.g. NCCL quirks)
     notes: tuple = ()                              # one-line messages for the person, printed at launch
 
@@ -65,7 +68,8 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
             use_port: Any, master_addr: Any, node_rank: Any, num_nodes: Any, rdzv_backend: Any,
             max_restarts: Any, monitor_interval: Any, log_line_prefix_template: Any,
             start_method: Any, backend: Any, device: Any, return_all: bool, display: str,
-            stall_timeout: Any = None, on_stall: Any = "warn", rdzv_timeout: Any = 600) -> LaunchConfig:
+            stall_timeout: Any = None, on_stall: Any = "warn", rdzv_timeout: Any = 600,
+            rdzv_id: Any = "none", rdzv_conf: Any = None) -> LaunchConfig:
     if context.current() is not None:
         raise LaunchConfigError(
             "notebook_launcher was called from inside a launched worker. Call it from the "
@@ -83,7 +87,9 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
     mixed_precision = _choice("mixed_precision", str(mixed_precision).lower(), MIXED_PRECISION)
     start_method = _choice("start_method", start_method, START_METHODS)
     device = _choice("device", device, DEVICES)
-    _choice("rdzv_backend", rdzv_backend, RDZV_BACKENDS)
+    rdzv_backend = _choice("rdzv_backend", rdzv_backend, RDZV_BACKENDS)
+    if rdzv_conf is not None and not isinstance(rdzv_conf, dict):
+        raise LaunchConfigError(f"rdzv_conf must be a dict, got {type(rdzv_conf).__name__}.")
     from .ui import DISPLAYS
 
     display = _choice("display", display, DISPLAYS)
@@ -122,6 +128,7 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
         num_threads=_threads_per_worker(env, nproc), stall_timeout=stall_timeout,
         on_stall=on_stall, rdzv_timeout=rdzv_timeout, environment=env,
         extra_env=extra_env, notes=tuple(n for n in (reason, *notes) if n),
+        rdzv_backend=rdzv_backend, rdzv_id=str(rdzv_id), rdzv_conf=dict(rdzv_conf or {}),
     )
 
 

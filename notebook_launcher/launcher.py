@@ -11,6 +11,7 @@ cell's thread and `supervise` in its own thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import linecache
 import os
 import signal
@@ -56,6 +57,7 @@ class Attempt:
 def start_attempt(config: LaunchConfig, view: View, attempt: int) -> Attempt:
     """Rendezvous and workers, started from the calling thread (the parent-death signal
     is tied to the thread that forks). On any error everything started is torn down."""
+    config, rdzv = _meet(config, attempt)
     state = RunState(
         world_size=config.world_size,
         local_ranks=list(range(config.first_rank, config.first_rank + config.nproc)),
@@ -63,17 +65,27 @@ def start_attempt(config: LaunchConfig, view: View, attempt: int) -> Attempt:
         attempt=attempt,
     )
     run = Attempt(config, view, state, StackDumps(),
-                  config.start_method != "spawn" or resource_tracker_running())
+                  config.start_method != "spawn" or resource_tracker_running(), rdzv=rdzv)
     try:
-        run.rdzv = rendezvous.host_store(
-            config.master_addr, config.world_size, port=config.port, bind_all=config.num_nodes > 1,
-            restart_count=attempt, max_restarts=config.max_restarts,
-        ) if config.node_rank == 0 else _remote_rendezvous(config, attempt)
         run.handles = start_workers(config.start_method, _spec_factory(config, run.rdzv, run.stacks), config.nproc)
     except BaseException as exc:
         _teardown(run, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None)
         raise
     return run
+
+
+def _meet(config: LaunchConfig, attempt: int) -> tuple:
+    """(config with this node's rank, the rendezvous its workers will use)."""
+    if config.rdzv_backend == "c10d" and config.num_nodes > 1:
+        rdzv = rendezvous.negotiate_c10d(
+            f"{config.master_addr}:{config.port}", config.rdzv_id, config.num_nodes, config.nproc,
+            config.rdzv_timeout, config.rdzv_conf, restart_count=attempt, max_restarts=config.max_restarts)
+        return dataclasses.replace(config, node_rank=rdzv.node_rank), rdzv
+    if config.node_rank == 0:
+        return config, rendezvous.host_store(
+            config.master_addr, config.world_size, port=config.port, bind_all=config.num_nodes > 1,
+            restart_count=attempt, max_restarts=config.max_restarts)
+    return config, _remote_rendezvous(config, attempt)
 
 
 def supervise(run: Attempt) -> Any:

@@ -30,7 +30,9 @@ class Rendezvous:
     run_id: str
     restart_count: int = 0
     max_restarts: int = 0
+    node_rank: int = 0
     store: Optional[dist.TCPStore] = field(default=None, repr=False)
+    handler: Optional[object] = field(default=None, repr=False)  # torch's c10d rendezvous handler
 
     def worker_env(self, rank: int, local_rank: int, local_world_size: int, group_rank: int) -> dict:
         """The environment variables torchrun would give this worker."""
@@ -55,6 +57,9 @@ class Rendezvous:
     def close(self) -> None:
         """Shut the store server down and free its port."""
         self.store = None  # the C++ destructor stops the server and closes the socket
+        if self.handler is not None:
+            self.handler.shutdown()
+            self.handler = None
 
 
 def host_store(
@@ -120,3 +125,38 @@ def _listen(master_addr: str, port: int, bind_all: bool) -> socket.socket:
             ) from None
         raise LaunchConfigError(f"could not listen on {bind_host}: {exc.strerror}. Check master_addr.") from None
     return sock
+
+
+def negotiate_c10d(endpoint: str, run_id: str, num_nodes: int, nproc: int, timeout: float,
+                   conf: Optional[dict] = None, restart_count: int = 0, max_restarts: int = 0) -> Rendezvous:
+    """Several machines through torch's own c10d rendezvous: the nodes agree on their node
+    ranks (nobody passes node_rank), and torch hosts the store on the endpoint's machine.
+
+    Example::
+
+        rdzv = negotiate_c10d("10.0.0.5:29400", "job1", num_nodes=2, nproc=8, timeout=600)
+        rdzv.node_rank   # 0 or 1, as the rendezvous decided
+    """
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+
+    params = RendezvousParameters(backend="c10d", endpoint=endpoint, run_id=run_id, min_nodes=num_nodes,
+                                  max_nodes=num_nodes, join_timeout=timeout, **(conf or {}))
+    handler = get_rendezvous_handler(params)
+    try:
+        info = handler.next_rendezvous()
+    except BaseException as exc:
+        handler.shutdown()
+        if isinstance(exc, Exception) and "timeout" in type(exc).__name__.lower():
+            raise TimeoutError(
+                f"only some of the {num_nodes} nodes joined the c10d rendezvous at {endpoint} within "
+                f"rdzv_timeout={timeout:g}s: start the same call on every node with the same "
+                "rdzv_endpoint and rdzv_id."
+            ) from None
+        raise
+    store_info = info.bootstrap_store_info
+    return Rendezvous(
+        master_addr=store_info.master_addr, master_port=store_info.master_port,
+        world_size=info.world_size * nproc, run_id=run_id, restart_count=restart_count,
+        max_restarts=max_restarts, node_rank=info.rank, handler=handler,
+    )

@@ -17,9 +17,11 @@ def where_am_i():
 
 if __name__ == "__main__":
     node_rank, num_nodes, port, timeout = (int(a) for a in sys.argv[1:5])
+    backend = sys.argv[5] if len(sys.argv) > 5 else "static"
     try:
         values = notebook_launcher(where_am_i, num_processes=2, num_nodes=num_nodes, node_rank=node_rank,
-                                   use_port=port, rdzv_timeout=timeout, return_all=True, display="none")
+                                   use_port=port, rdzv_timeout=timeout, return_all=True, display="none",
+                                   rdzv_backend=backend, rdzv_id="test-job")
         print("RESULT", json.dumps(values), flush=True)
     except WorkerError as err:
         print("ERROR", str(err).splitlines()[0], flush=True)

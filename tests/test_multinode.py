@@ -18,9 +18,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_node(node_rank: int, num_nodes: int, port: int, timeout: int) -> subprocess.Popen:
+def start_node(node_rank: int, num_nodes: int, port: int, timeout: int, backend: str = "static") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "multinode_node.py"), str(node_rank), str(num_nodes), str(port), str(timeout)],
+        [sys.executable, os.path.join(HERE, "multinode_node.py"), str(node_rank), str(num_nodes), str(port),
+         str(timeout), backend],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -59,3 +60,13 @@ def test_a_node_that_never_arrives_fails_clearly_after_rdzv_timeout():
 def test_a_node_without_node_0_fails_clearly():
     out = finish(start_node(1, 2, free_port(), 3))
     assert "could not reach the rendezvous store of node 0" in out, out
+
+
+def test_c10d_rendezvous_assigns_node_ranks():
+    port = free_port()
+    nodes = [start_node(0, 2, port, 60, "c10d") for _ in range(2)]  # nobody says which node it is
+    outs = [finish(n) for n in nodes]
+    results = [json.loads(out.split("RESULT ", 1)[1].splitlines()[0]) for out in outs]
+    ranks = sorted(tuple(v["rank"] for v in r) for r in results)
+    assert ranks == [(0, 1), (2, 3)], outs
+    assert {v["sum"] for r in results for v in r} == {6.0}

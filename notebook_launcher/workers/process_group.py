@@ -62,12 +62,14 @@ def wait_for_every_rank(world_size: int, timeout: float) -> None:
             f"rdzv_timeout={timeout:g}s. Is node 0's launch running, with the same use_port, "
             f"and is {addr} reachable from here? ({exc})"
         ) from None
-    if store.add(ARRIVED_KEY, 1) == world_size:
-        store.set(ALL_ARRIVED_KEY, "1")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a shared store outlives attempts
+    arrived_key, all_arrived_key = f"{ARRIVED_KEY}/{attempt}", f"{ALL_ARRIVED_KEY}/{attempt}"
+    if store.add(arrived_key, 1) == world_size:
+        store.set(all_arrived_key, "1")
     try:
-        store.wait([ALL_ARRIVED_KEY], limit)
+        store.wait([all_arrived_key], limit)
     except (RuntimeError, dist.DistError):
-        arrived = store.add(ARRIVED_KEY, 0)
+        arrived = store.add(arrived_key, 0)
         raise TimeoutError(
             f"only {arrived} of {world_size} ranks arrived within rdzv_timeout={timeout:g}s: "
             "a node is missing. Run the same call on every node with its own node_rank "
