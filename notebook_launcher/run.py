@@ -160,6 +160,8 @@ class Run:
         except KeyboardInterrupt:
             self.stop()
             raise
+        if self._done.is_set() and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)  # it is only leaving its finally clause
         return self._done.is_set()
 
     def result(self, timeout: Optional[float] = None) -> Any:
@@ -188,8 +190,7 @@ class Run:
         self._stop.set()
         if self._thread is None or threading.current_thread() is self._thread:
             return self._done.is_set()
-        self._done.wait(timeout)
-        return self._done.is_set()
+        return self.wait(timeout)
 
     # ------------------------------------------------------------- display
     def __repr__(self) -> str:
