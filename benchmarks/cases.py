@@ -115,6 +115,7 @@ def _case(row, where, label, nproc, family, call) -> Case:
 def parse(stdout: str) -> dict:
     """The measurement a case printed (the last marked line)."""
     for line in reversed(stdout.splitlines()):
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
+        at = line.rfind(MARKER)  # a worker's unfinished line may share the line with it
+        if at >= 0:
+            return json.loads(line[at + len(MARKER):])
     raise ValueError("no result line in the output")

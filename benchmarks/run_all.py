@@ -96,6 +96,8 @@ def machine() -> str:
         commit += " + uncommitted changes in notebook_launcher/" if dirty else ""
     except (OSError, subprocess.TimeoutExpired):
         commit = "?"
+    if commit == "?":  # not a git checkout, e.g. a `git archive` snapshot (see README)
+        commit = os.environ.get("NL_BENCH_COMMIT", "?")
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -104,7 +106,14 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"{', '.join(versions)}, commit {commit}")
+            f"{', '.join(versions)}, commit {commit}, notebook_launcher from {_package_dir()}")
+
+
+def _package_dir() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("notebook_launcher")
+    return os.path.dirname(spec.origin) if spec and spec.origin else "?"
 
 
 def start_hosts(families: set, wheres: list) -> dict:
