@@ -1,10 +1,14 @@
 """Metric curves as PNG bytes: matplotlib off-screen, one reused `Figure`.
 
 No pyplot (no global figure registry, no GUI backend, nothing that leaks between
-calls): a `Figure` with an Agg canvas is drawn and encoded in the calling thread. The
-figure and its lines are kept between renders and only their data change, which is
-what keeps a live plot cheap (tens of milliseconds), and the PNG is palette-encoded,
-which keeps it small (about 10-20 KB) in the saved notebook.
+calls): a `Figure` with an Agg canvas is drawn and encoded in the calling thread.
+
+A live plot is redrawn often while workers compete for the same cores, so a render
+must be cheap. Axes, ticks and grid are drawn once and kept as a background; a
+render only restores it and draws the lines and titles over it ("blitting", a few
+milliseconds). Axis limits are sticky, rounded up (x to 1-2-5 steps, y with headroom),
+so the full, costly redraw happens only when the data leave them. The PNG is
+palette-encoded, which keeps it small (10-20 KB) in the saved notebook.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ MAX_PANELS = 6          # metrics plotted at once; the rest are in the table
 COLUMNS = 3             # panels per row
 DRAWN_POINTS = 600      # points drawn per line (a panel is ~250 px wide)
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf")
-RELAYOUT_EVERY = 5      # renders between two (costly) tight-layout passes
+RELAYOUT_EVERY = 4      # full redraws between two (costly) tight-layout passes
+HEADROOM = 0.08         # y limits: this fraction of the data's span is added on each side
+SHRINK_BELOW = 0.45     # ...and refitted when a fresh fit would be less than this share of them
+REACH = 0.2             # a crossed y limit moves this fraction of the data's span past the data
 
 
 def smooth(values: Sequence[float], weight: float) -> list:
@@ -82,43 +89,47 @@ class MetricsPlot:
         self.width, self.row_height, self.dpi = width, row_height, dpi
         self.figure = Figure(figsize=(width, row_height), dpi=dpi, facecolor="white")
         self.canvas = FigureCanvasAgg(self.figure)
+        self.full_draws = 0       # renders that redrew axes and ticks (the rest only blit)
         self._names: tuple = ()
-        self._panels: dict = {}   # name -> (axes, raw line, smooth line)
-        self._renders = 0
+        self._panels: dict = {}   # name -> (axes, raw line, smooth line, title)
+        self._background = None
+        self._scales: dict = {}   # name -> "linear" | "log"
 
     def render(self, series: dict, names: Optional[Sequence[str]] = None, smoothing: float = 0.6,
                log_scale: bool = False, final: bool = False) -> Optional[bytes]:
         """PNG of ``names`` (default: the first `MAX_PANELS` of ``series``); None when nothing to draw.
 
-        ``final``: a last, carefully laid-out render (for the saved summary).
+        ``final``: a last, fully redrawn and carefully laid-out render (for the saved summary).
         """
         names = tuple(n for n in (names if names is not None else series) if n in series)[:MAX_PANELS]
         if not names or not any(series[n].count for n in names):
             return None
         if names != self._names:
             self._build(names)
-        for name in names:
-            self._update(name, series[name], smoothing, log_scale)
-        if final or self._renders % RELAYOUT_EVERY == 0:
-            self._layout()
-        self._renders += 1
-        self.canvas.draw()
+        moved = [self._update(name, series[name], smoothing, log_scale, final) for name in names]
+        if final or self._background is None or any(moved):
+            self._full_draw(relayout=final or self.full_draws % RELAYOUT_EVERY == 0)
+        else:
+            self.canvas.restore_region(self._background)
+            self._draw_dynamic()
         return self._png()
 
     # ------------------------------------------------------------- drawing
     def _build(self, names: tuple) -> None:
-        from matplotlib.ticker import MaxNLocator
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
 
         self.figure.clear()
         rows = math.ceil(len(names) / COLUMNS)
         columns = min(len(names), COLUMNS)
         self.figure.set_size_inches(self.width, self.row_height * rows + 0.1)
-        self._panels = {}
+        self._panels, self._scales, self._background = {}, {}, None
         for index, name in enumerate(names):
             axes = self.figure.add_subplot(rows, columns, index + 1)
             color = COLORS[index % len(COLORS)]
             raw, = axes.plot([], [], color=color, linewidth=0.8, alpha=0.28)
             smooth_line, = axes.plot([], [], color=color, linewidth=1.7)
+            title = axes.set_title(name, loc="left", fontsize=10, color="#222222", pad=4)
+            axes.set_autoscale_on(False)
             axes.grid(True, color="#e6e6e6", linewidth=0.8)
             axes.set_axisbelow(True)
             for side in ("top", "right"):
@@ -126,36 +137,75 @@ class MetricsPlot:
             for side in ("left", "bottom"):
                 axes.spines[side].set_color("#9a9a9a")
             axes.tick_params(labelsize=8, colors="#444444", length=3)
-            axes.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+            axes.xaxis.set_major_locator(MaxNLocator(4, integer=True))
+            axes.xaxis.set_major_formatter(FuncFormatter(_step_label))
             axes.yaxis.set_major_locator(MaxNLocator(5))
             if index >= len(names) - columns:
                 axes.set_xlabel("step", fontsize=8, color="#666666", labelpad=1)
-            self._panels[name] = (axes, raw, smooth_line)
+            self._panels[name] = (axes, raw, smooth_line, title)
         self._names = names
-        self._renders = 0
+        self.full_draws = 0
 
-    def _update(self, name: str, series: Series, smoothing: float, log_scale: bool) -> None:
-        axes, raw, smooth_line = self._panels[name]
+    def _update(self, name: str, series: Series, smoothing: float, log_scale: bool, final: bool) -> bool:
+        """Set the lines' data; True when the axes must be redrawn (limits, scale or title changed)."""
+        axes, raw, smooth_line, title = self._panels[name]
         steps, values = series.points()
-        smoothed = smooth(values, smoothing)
         xs, ys = thin(steps, values)
-        sx, sy = thin(steps, smoothed)
+        sx, sy = xs, smooth(ys, smoothing)  # smoothing the drawn points: cheap, same look
         raw.set_data(xs, ys)
         raw.set_visible(smoothing > 0 and len(xs) > 1)
         smooth_line.set_data(sx, sy)
         smooth_line.set_marker("o" if len(sx) == 1 else "")  # a single point still shows
+        # Live, the title is the name (part of the background; the table has the values);
+        # the final picture, which may be read on its own, shows the last value too.
+        text = f"{name}  {format_value(series.last)}" if final else name
+        moved = text != title.get_text()
+        title.set_text(text)
         positive = series.low > 0 and math.isfinite(series.low)
-        axes.set_yscale("log" if log_scale and positive else "linear")
-        axes.relim()
-        axes.autoscale_view()
-        axes.set_title(f"{name}  {format_value(series.last)}", loc="left", fontsize=10,
-                       color="#222222", pad=4)
+        scale = "log" if log_scale and positive else "linear"
+        if scale != self._scales.get(name):
+            moved = True
+        if scale != self._scales.get(name):
+            axes.set_yscale(scale)
+            self._scales[name] = scale
+        drawn = [v for v in (list(ys) if raw.get_visible() else []) + list(sy) if math.isfinite(v)]
+        # From 0 when the run started there (the first kept point of a downsampled series
+        # stands for a few steps past 0); from its first step for a resumed run.
+        first = 0 if 0 <= steps[0] <= 0.2 * steps[-1] else steps[0]
+        xlim = _x_limits(first, steps[-1])
+        ylim = _y_limits(drawn, axes.get_ylim(), scale, force=moved) if drawn else axes.get_ylim()
+        if xlim != tuple(axes.get_xlim()):
+            axes.set_xlim(*xlim)
+            moved = True
+        if ylim != tuple(axes.get_ylim()):
+            axes.set_ylim(*ylim)
+            moved = True
+        return moved
 
-    def _layout(self) -> None:
-        try:
-            self.figure.tight_layout(pad=0.6, w_pad=1.2, h_pad=0.8)
-        except Exception:  # odd sizes or fonts: keep the previous layout
-            pass
+    def _dynamic(self) -> list:
+        return [artist for axes, raw, smooth_line, _ in self._panels.values() for artist in (raw, smooth_line)]
+
+    def _full_draw(self, relayout: bool) -> None:
+        if relayout:
+            try:
+                self.figure.tight_layout(pad=0.6, w_pad=1.2, h_pad=0.8)
+            except Exception:  # odd sizes or fonts: keep the previous layout
+                pass
+        shown = [(artist, artist.get_visible()) for artist in self._dynamic()]
+        for artist, _ in shown:
+            artist.set_visible(False)
+        self.canvas.draw()  # axes, ticks, grid, labels: the background
+        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        for artist, visible in shown:
+            artist.set_visible(visible)
+        self._draw_dynamic()
+        self.full_draws += 1
+
+    def _draw_dynamic(self) -> None:
+        for axes, raw, smooth_line, _ in self._panels.values():
+            for artist in (raw, smooth_line):
+                if artist.get_visible():
+                    axes.draw_artist(artist)
 
     def _png(self) -> bytes:
         from PIL import Image
@@ -172,3 +222,41 @@ class MetricsPlot:
         buffer = io.BytesIO()
         image.save(buffer, format="png", optimize=False)
         return buffer.getvalue()
+
+
+def _step_label(value: float, _position=None) -> str:
+    """Compact step numbers: 950, 2k, 12.5k, 1.2M (panels are narrow)."""
+    for size, unit in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def _x_limits(first: float, last: float) -> tuple:
+    """From the first step to ``last`` rounded up to 1, 2 or 5 times a power of ten."""
+    span = max(last - first, 1)
+    power = 10 ** math.floor(math.log10(span))
+    for factor in (1, 2, 5, 10):
+        if factor * power >= span:
+            return (float(first), float(first + factor * power))
+    return (float(first), float(first + 10 * power))
+
+
+def _y_limits(values: list, current: tuple, scale: str, force: bool) -> tuple:
+    """Keep ``current`` while the data fit it well. When the data cross a limit, that
+    limit moves past them by `REACH` of their span (a trending curve then crosses it
+    rarely); when they fill too little of it, or ``force``, fit the data afresh."""
+    to, back = (math.log10, lambda v: 10 ** v) if scale == "log" else ((lambda v: v), (lambda v: v))
+    low, high = to(min(values)), to(max(values))
+    cur_low, cur_high = (to(v) if v > 0 or scale != "log" else -math.inf for v in current)
+    # The unit of headroom: the data's span, but not less than a small share of their size
+    # (a learning rate that barely moves must not cross a hair-thin limit every time).
+    unit = max(high - low, 0.02 * max(abs(low), abs(high)), 1e-12)
+    fit = (low - unit * HEADROOM, high + unit * HEADROOM)
+    if force or not math.isfinite(cur_low) or (fit[1] - fit[0]) < SHRINK_BELOW * (cur_high - cur_low):
+        return (back(fit[0]), back(fit[1]))
+    if cur_low <= low and high <= cur_high:
+        return tuple(current)
+    new_low = cur_low if low >= cur_low else low - unit * REACH
+    new_high = cur_high if high <= cur_high else high + unit * REACH
+    return (back(new_low), back(new_high))
