@@ -78,3 +78,35 @@ def test_a_long_run_makes_a_small_png(tmp_path):
     assert image.size == (plot.canvas.get_width_height())
     colours = image.convert("RGB").getcolors(maxcolors=256)
     assert colours is not None and len(colours) > 8                # lines drawn, not a blank image
+
+
+def test_live_frames_blit_over_a_kept_background_and_match_a_full_redraw():
+    plot = MetricsPlot()
+    series = {"loss": Series(), "lr": Series()}
+    frames = 0
+    for step in range(20_000):
+        series["loss"].add(step, 2.0 * math.exp(-step / 5000) + 0.1 * math.sin(step / 7))
+        series["lr"].add(step, 1e-3 * (1 - step / 20_000))
+        if step % 100 == 99:
+            plot.render(series)
+            frames += 1
+    assert plot.full_draws < frames / 3                      # most frames only blit
+    blitted = decode(plot.render(series)).convert("RGB")
+    plot._full_draw(relayout=False)                          # same limits, everything redrawn
+    redrawn = decode(plot._png()).convert("RGB")
+    assert blitted.tobytes() == redrawn.tobytes()
+
+
+def test_sticky_limits_follow_the_data():
+    from notebook_launcher.ui.plot import _x_limits, _y_limits
+
+    assert _x_limits(0, 1234) == (0.0, 2000.0) and _x_limits(0, 2000) == (0.0, 2000.0)
+    assert _x_limits(0, 3) == (0.0, 5.0) and _x_limits(0, 0) == (0.0, 1.0)
+    current = (0.0, 10.0)
+    assert _y_limits([2.0, 8.0], current, "linear", force=False) == current        # fits: kept
+    low, high = _y_limits([-1.0, 8.0], current, "linear", force=False)              # crossed below
+    assert low < -1.0 and high == 10.0
+    low, high = _y_limits([4.0, 4.5], current, "linear", force=False)               # far too wide: refit
+    assert 3.5 < low < 4.0 and 4.5 < high < 5.0
+    low, high = _y_limits([1e-4, 1.0], (1e-3, 2.0), "log", force=False)
+    assert low < 1e-4 and high == 2.0
