@@ -8,7 +8,9 @@ Prints, from one run:
    Jupyter kernel, side by side: without report()/progress(), with them and
    ``display="none"``, and with them and the live widgets dashboard (whose messages a
    client drains, as a browser would). Configurations alternate over several rounds
-   and medians are shown; the target is a dashboard cost under 2 %.
+   and medians are shown; the target is a dashboard cost under 2 %. "kernel CPU" is
+   the share of one core the kernel (parent) used during the launch, start and end
+   included: the less it takes, the less it can take from the workers.
 
 3. with ``--cuda`` (a machine with an NVIDIA GPU): what ``report(loss=loss)`` costs a GPU
    loop when ``loss`` is a CUDA tensor (read on the channel's thread, no sync in the
@@ -55,6 +57,16 @@ def train(steps, use_reporting):
         if use_reporting:
             report(step, loss=loss, lr=0.01)  # a 0-d tensor and a float, every step
     return (steps - 100) / (time.perf_counter() - start)
+
+import psutil
+_kernel = psutil.Process()
+
+def measured(steps, use_reporting, display):
+    # (steps/s in the workers, CPU seconds this kernel spent per second of the run)
+    before, start = _kernel.cpu_times(), time.perf_counter()
+    rate = notebook_launcher(train, args=(steps, use_reporting), num_processes=2, device="cpu", display=display)
+    after, wall = _kernel.cpu_times(), time.perf_counter() - start
+    return rate, (after.user + after.system - before.user - before.system) / wall
 """
 
 REPORT_COST = """
@@ -216,23 +228,25 @@ def main() -> None:
 
         rates = {label: [] for label, *_ in CONFIGS}
         messages = {label: [] for label, *_ in CONFIGS}
+        parent = {label: [] for label, *_ in CONFIGS}
         for index in range(options.rounds):
             for label, reporting, display in (CONFIGS if index % 2 == 0 else CONFIGS[::-1]):  # cancels drift
-                rate, comms = kernel.value(
-                    f'notebook_launcher(train, args=({options.steps}, {reporting}), num_processes=2, device="cpu", display="{display}")')
+                (rate, cpu), comms = kernel.value(f'measured({options.steps}, {reporting}, "{display}")')
                 rates[label].append(rate)
                 messages[label].append(comms)
+                parent[label].append(cpu)
         base = statistics.median(rates[CONFIGS[1][0]])
         bare = statistics.median(rates[CONFIGS[0][0]])
         print(f"training loop: DDP MLP, 2 CPU workers (gloo), {options.steps} steps, "
               f"{options.rounds} alternating rounds, from a Jupyter kernel")
         print(f"  {'configuration':<28} {'steps/s (median)':>17} {'runs':>24} {'vs display=none':>16} "
-              f"{'vs no report':>13} {'widget msgs':>12}")
+              f"{'vs no report':>13} {'widget msgs':>12} {'kernel CPU':>11}")
         for label, *_ in CONFIGS:
             median = statistics.median(rates[label])
             runs = " ".join(f"{r:.0f}" for r in rates[label])
             print(f"  {label:<28} {median:17.1f} {runs:>24} {(median / base - 1) * 100:+15.1f}% "
-                  f"{(median / bare - 1) * 100:+12.1f}% {statistics.median(messages[label]):12.0f}")
+                  f"{(median / bare - 1) * 100:+12.1f}% {statistics.median(messages[label]):12.0f} "
+                  f"{statistics.median(parent[label]) * 100:10.1f}%")
         cost = (1 - statistics.median(rates[CONFIGS[2][0]]) / base) * 100
         paired = [(1 - dash / none) * 100 for dash, none in zip(rates[CONFIGS[2][0]], rates[CONFIGS[1][0]])]
         print(f"\ndashboard cost on the loop: {cost:.1f} % of medians; per round "
