@@ -7,6 +7,8 @@ that says what to do.
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import sys
 from dataclasses import dataclass, field
@@ -90,6 +92,10 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
     rdzv_backend = _choice("rdzv_backend", rdzv_backend, RDZV_BACKENDS)
     if rdzv_conf is not None and not isinstance(rdzv_conf, dict):
         raise LaunchConfigError(f"rdzv_conf must be a dict, got {type(rdzv_conf).__name__}.")
+    reserved = sorted(set(rdzv_conf or {}) & {"min_nodes", "max_nodes", "backend", "endpoint", "run_id"})
+    if reserved:
+        raise LaunchConfigError(f"rdzv_conf cannot set {', '.join(reserved)}: use num_nodes, rdzv_backend, "
+                                "rdzv_endpoint and rdzv_id instead.")
     from .ui import DISPLAYS
 
     display = _choice("display", display, DISPLAYS)
@@ -109,8 +115,6 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
     device_type = _device_type(device, env)
     nproc = _nproc(num_processes, device_type, env)
     backend = _backend(backend, device_type)
-    if mixed_precision == "fp16" and device_type == "cpu":
-        pass  # CPU autocast supports fp16 since torch 2.3; the toolkit checks the op coverage
     if mixed_precision == "bf16" and device_type == "cuda":
         _check_bf16(env)
     method, reason = _start_method(start_method, env, device_type)
@@ -149,14 +153,14 @@ def _choice(name: str, value: Any, allowed: tuple) -> str:
 
 
 def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-                return int(value)
-        except ValueError:
-            pass
-        raise LaunchConfigError(f"{name} must be a whole number, got {value!r}.")
-    return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)  # accelerate passes use_port="29500"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)  # int, numpy integers
+    except TypeError:
+        raise LaunchConfigError(f"{name} must be a whole number, got {value!r}.") from None
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -279,7 +283,7 @@ def _check_sendable(function: Callable, args: tuple, kwargs: dict) -> None:
 
 
 def _seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise LaunchConfigError(f"{name} must be a positive number of seconds, got {value!r}.")
     return float(value)
 
@@ -289,6 +293,8 @@ def _tick(monitor_interval: Any) -> float:
         value = float(monitor_interval)
     except (TypeError, ValueError):
         raise LaunchConfigError(f"monitor_interval must be a number of seconds, got {monitor_interval!r}.") from None
+    if not math.isfinite(value):
+        raise LaunchConfigError(f"monitor_interval must be a finite number of seconds, got {monitor_interval!r}.")
     return min(max(value, 0.01), 5.0)
 
 

@@ -107,10 +107,20 @@ def parse_p2p_matrix(text: str) -> Optional[bool]:
 
 
 def cuda_device_count() -> int:
+    """Visible CUDA devices, asked of NVML or nvidia-smi: torch's own fallback,
+    cudaGetDeviceCount, would initialize the driver here and spoil later forks."""
     if not torch.backends.cuda.is_built():
         return 0
     try:
-        return torch.cuda.device_count()
+        count = torch.cuda._device_count_nvml()
+    except Exception:
+        count = -1
+    if count >= 0:
+        return count
+    if shutil.which("nvidia-smi"):
+        return len(gpu_info())
+    try:
+        return torch.cuda.device_count()  # no NVML, no nvidia-smi: nothing safer left
     except Exception:  # broken driver: behave like a CPU machine
         return 0
 

@@ -15,6 +15,7 @@ import dataclasses
 import linecache
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -117,17 +118,22 @@ def supervise(run: Attempt) -> Any:
 
 
 def _teardown(run: Attempt, status: str, failure) -> None:
+    """Every step runs even if an earlier one fails; Interrupts wait until the end."""
+    steps = [
+        lambda: stop_workers(run.handles, grace=TEARDOWN_GRACE),
+        lambda: [handle.close_all() for handle in run.handles],
+        lambda: run.rdzv is not None and run.rdzv.close(),
+        lambda: run.tracker_was_running or stop_resource_tracker(),
+        run.stacks.close,
+        lambda: run.state.apply(Finished(status, time.monotonic(), failure)),
+        lambda: run.view.finish(run.state),
+    ]
     with _interrupts_deferred():
-        stop_workers(run.handles, grace=TEARDOWN_GRACE)
-        for handle in run.handles:
-            handle.close_all()
-        if run.rdzv is not None:
-            run.rdzv.close()
-        if not run.tracker_was_running:
-            stop_resource_tracker()
-        run.stacks.close()
-        run.state.apply(Finished(status, time.monotonic(), failure))
-        run.view.finish(run.state)
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # report, but never hide the run's own outcome
+                print(f"notebook_launcher: teardown step failed: {exc!r}", file=sys.stderr)
 
 
 def _remote_rendezvous(config: LaunchConfig, attempt: int) -> rendezvous.Rendezvous:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -18,10 +19,11 @@ from . import channel as ch
 from .errors import Failure
 from .state import Exited, Metrics, Output, Progress, Ready, RunState, Started
 from .ui.base import View
-from .workers.processes import WorkerHandle
+from .workers.processes import WorkerHandle, signal_workers
 
 TICK = 0.1                  # seconds between view refreshes when nothing arrives
 FAILURE_WINDOW = 0.25       # after a first failure, how long to listen for an earlier root cause
+EXIT_GRACE = 10.0           # after every rank returned, how long they may take to exit
 MAX_LINE = 64 * 1024        # a "line" longer than this is cut into pieces
 
 
@@ -77,6 +79,7 @@ class Supervisor:
         self._failures: dict[int, Failure] = {}
         self._errors: dict[int, dict] = {}
         self._first_failure_at: Optional[float] = None
+        self._all_returned_at: Optional[float] = None
         self._decoders = {h.rank: ch.FrameDecoder() for h in handles}
         self._splitters = {(h.rank, s): LineSplitter() for h in handles for s in ("stdout", "stderr")}
         self._selector = selectors.DefaultSelector()
@@ -122,7 +125,24 @@ class Supervisor:
     def _decided(self) -> bool:
         if self._first_failure_at is not None:
             return self.clock() >= self._first_failure_at + FAILURE_WINDOW
-        return all(h.exitcode is not None for h in self.handles)
+        if all(h.exitcode is not None for h in self.handles):
+            return True
+        return self._lingering()
+
+    def _lingering(self) -> bool:
+        """Every rank returned its value but some do not exit (e.g. stuck tearing down
+        NCCL): after EXIT_GRACE the run is decided anyway and teardown stops them."""
+        if len(self.outcome.results) < len(self.handles):
+            return False
+        if self._all_returned_at is None:
+            self._all_returned_at = self.clock()
+        if self.clock() < self._all_returned_at + EXIT_GRACE:
+            return False
+        for h in self.handles:
+            if h.exitcode is None:
+                self._emit_lines(h.rank, "stderr", [f"returned, but did not exit within {EXIT_GRACE:g}s: stopping it"],
+                                 activity=False)
+        return True
 
     # ------------------------------------------------------------- reading
     def _read(self, handle: WorkerHandle, what: str, fd: int) -> str:
@@ -187,6 +207,7 @@ class Supervisor:
     # ------------------------------------------------------------- exits and failures
     def _on_exit(self, handle: WorkerHandle, sentinel: int) -> None:
         self._unregister(sentinel)
+        signal_workers([handle], signal.SIGKILL)  # what it left behind, while its pid is still reserved
         handle.process.join(timeout=1)
         code = handle.poll()
         if code is None:

@@ -140,8 +140,9 @@ def negotiate_c10d(endpoint: str, run_id: str, num_nodes: int, nproc: int, timeo
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
+    options = {"join_timeout": timeout, **(conf or {})}
     params = RendezvousParameters(backend="c10d", endpoint=endpoint, run_id=run_id, min_nodes=num_nodes,
-                                  max_nodes=num_nodes, join_timeout=timeout, **(conf or {}))
+                                  max_nodes=num_nodes, **options)
     handler = get_rendezvous_handler(params)
     try:
         info = handler.next_rendezvous()

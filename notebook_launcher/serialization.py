@@ -30,19 +30,34 @@ class _CPUPickler(pickle.Pickler):
         return NotImplemented
 
 
+def dumps_cpu(value: Any) -> bytes:
+    """Plain pickle, with accelerator tensors moved to the CPU (e.g. for exceptions)."""
+    buffer = io.BytesIO()
+    _CPUPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
 def dumps_result(value: Any) -> tuple[bytes, str]:
     """Serialize a worker's return value; returns ``(blob, pickler_name)``."""
-    buffer = io.BytesIO()
     try:
-        _CPUPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
-        return buffer.getvalue(), "pickle"
+        return dumps_cpu(value), "pickle"
     except Exception as first_error:
-        import dill
-
         try:
-            return dill.dumps(_to_cpu(value), protocol=pickle.HIGHEST_PROTOCOL, recurse=True), "dill"
+            return _dill_dumps_cpu(value), "dill"
         except Exception:
             raise first_error from None
+
+
+def _dill_dumps_cpu(value: Any) -> bytes:
+    import dill
+
+    class CPUDillPickler(dill.Pickler):  # dill's pickler is pure Python: reducer_override applies
+        reducer_override = _CPUPickler.reducer_override
+
+    buffer = io.BytesIO()
+    with dill_recurse():
+        CPUDillPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
 
 
 def loads_result(blob: bytes, pickler: str) -> Any:
@@ -53,14 +68,6 @@ def loads_result(blob: bytes, pickler: str) -> Any:
     return pickle.loads(blob)
 
 
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu() if value.device.type != "cpu" else value
-    if isinstance(value, dict):
-        return type(value)((k, _to_cpu(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
 
 
 @contextlib.contextmanager

@@ -126,14 +126,22 @@ def _isolate(parent_pid: int) -> None:
     os.register_at_fork(after_in_child=_set_parent_death_signal)
 
 
-def _set_parent_death_signal() -> None:
+def _load_prctl():
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        pass  # the control-pipe watchdog still covers parent death
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once: an at-fork hook must not dlopen in a child of a multi-threaded process.
+_prctl = _load_prctl()
+
+
+def _set_parent_death_signal() -> None:
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # else the control-pipe watchdog covers it
 
 
 def _own_descriptors(spec: WorkerSpec) -> None:
@@ -356,13 +364,19 @@ def _report_error(channel: ch.WorkerChannel, exc: BaseException) -> None:
         "traceback": text,
         "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "exception": _pickled_exception(exc),
-        "secondary": bool(_SECONDARY_ERROR.search(str(exc))),
+        "secondary": _lost_a_peer(exc),
         "t": when,
     }
     try:
         channel.send(ch.ERROR, payload)
     except OSError:
         pass  # parent gone
+
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    """A collective failing because another rank died (not the user's own socket error)."""
+    distributed = type(exc) is RuntimeError or "Dist" in type(exc).__name__
+    return distributed and bool(_SECONDARY_ERROR.search(str(exc)))
 
 
 def _user_frames(tb):
@@ -375,8 +389,10 @@ def _user_frames(tb):
 def _pickled_exception(exc: BaseException) -> Optional[bytes]:
     import pickle
 
+    from ..serialization import dumps_cpu
+
     try:
-        blob = pickle.dumps(exc)
+        blob = dumps_cpu(exc)  # a CUDA tensor in the exception must not initialize CUDA in the kernel
         pickle.loads(blob)  # some exceptions pickle but cannot be rebuilt
         return blob
     except Exception:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import itertools
 import os
 
 ARRIVED_KEY = "notebook_launcher/arrived"
@@ -19,29 +20,45 @@ ALL_ARRIVED_KEY = "notebook_launcher/all_arrived"
 
 def init_default_group(dist, backend: str, rank: int, world_size: int, device: str) -> None:
     original = dist.init_process_group
-    dist.init_process_group = _tolerant(dist, original, backend)
+    dist.init_process_group = _tolerant(dist, original, {"backend": backend, "rank": rank, "world_size": world_size})
     original(backend=backend, init_method="env://", rank=rank, world_size=world_size)
 
 
-def _tolerant(dist, original, our_backend: str):
+def _tolerant(dist, original, ours: dict):
+    regroups = itertools.count(1)
+
     @functools.wraps(original)
     def init_process_group(backend=None, *args, **kwargs):
         if dist.is_initialized():
-            wanted = str(backend).lower() if backend is not None else None
-            if wanted in (None, our_backend) and not args and _compatible(kwargs):
+            if not args and _asks_for_ours(backend, kwargs, ours):
                 return None
+            # Anything more (a timeout, pg_options, another backend) gets a new group.
             dist.destroy_process_group()
+            if not args and kwargs.get("store") is None and kwargs.get("init_method") in (None, "env://"):
+                kwargs = _fresh_rendezvous(dist, kwargs, ours, next(regroups))
         return original(backend, *args, **kwargs)
 
     init_process_group._notebook_launcher_original = original
     return init_process_group
 
 
-def _compatible(kwargs: dict) -> bool:
-    # Only the env:// rendezvous we already used is compatible; anything else the user
-    # asked for explicitly (a store, a file:// init method) gets a group of its own.
-    init_method = kwargs.get("init_method")
-    return kwargs.get("store") is None and init_method in (None, "env://")
+def _fresh_rendezvous(dist, kwargs: dict, ours: dict, number: int) -> dict:
+    """The env:// store still holds the old group's addresses: meet under a new prefix."""
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None, False,
+                           timeout=kwargs.get("timeout") or datetime.timedelta(minutes=5))
+    fresh = {key: value for key, value in kwargs.items() if key != "init_method"}
+    fresh.update(store=dist.PrefixStore(f"notebook_launcher/regroup/{number}", client),
+                 rank=ours["rank"], world_size=ours["world_size"])
+    return fresh
+
+
+def _asks_for_ours(backend, kwargs: dict, ours: dict) -> bool:
+    """True when the call would build exactly the group that already exists."""
+    if backend is not None and str(backend).lower() != ours["backend"]:
+        return False
+    allowed = {"init_method": (None, "env://"), "rank": (None, -1, ours["rank"]),
+               "world_size": (None, -1, ours["world_size"])}
+    return all(key in allowed and value in allowed[key] for key, value in kwargs.items())
 
 
 def wait_for_every_rank(world_size: int, timeout: float) -> None:

@@ -217,36 +217,38 @@ def _close_quietly(fds) -> None:
             pass
 
 
+def unreaped(handle: WorkerHandle) -> bool:
+    """Started and not yet waited for: its pid (and process group id) cannot have been
+    reused, so signalling it is safe even if it has already exited (a zombie)."""
+    popen = getattr(handle.process, "_popen", None)
+    return popen is not None and popen.returncode is None
+
+
 def signal_workers(handles: list[WorkerHandle], sig: int) -> None:
-    """Send ``sig`` to each worker's whole process group (the worker and its children)."""
+    """Send ``sig`` to each unreaped worker and its whole process group (what it forked)."""
     for handle in handles:
-        pid = handle.process.pid
-        if pid is None:
+        if not unreaped(handle):
             continue
-        # os.kill only while the pid is still ours (not yet reaped); the group id stays
-        # meaningful after the leader is gone, for the children it left behind.
-        senders = (os.killpg, os.kill) if handle.poll() is None else (os.killpg,)
-        for send in senders:
+        for send in (os.killpg, os.kill):
             try:
-                send(pid, sig)
+                send(handle.process.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
 
 
 def stop_workers(handles: list[WorkerHandle], grace: float = 1.0) -> None:
-    """SIGTERM, up to ``grace`` seconds, SIGKILL; then reap. Safe to call twice."""
+    """SIGTERM, up to ``grace`` seconds, SIGKILL (groups included); then reap. Safe to call twice."""
     import multiprocess.connection as mpc
 
-    alive = [h for h in handles if h.process.pid is not None and h.poll() is None]
-    if alive and grace > 0:
-        signal_workers(alive, signal.SIGTERM)
+    running = [h for h in handles if unreaped(h)]
+    if running and grace > 0:
+        signal_workers(running, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while alive and time.monotonic() < deadline:
-            mpc.wait([h.sentinel for h in alive], timeout=max(0.0, deadline - time.monotonic()))
-            alive = [h for h in alive if h.poll() is None]
-    # SIGKILL every group, finished workers included: it also takes any children they left.
-    signal_workers([h for h in handles if h.process.pid is not None], signal.SIGKILL)
-    for handle in handles:
-        if handle.process.pid is not None:
-            handle.process.join(timeout=5)
-            handle.poll()
+        waiting = list(running)
+        while waiting and time.monotonic() < deadline:
+            ready = mpc.wait([h.sentinel for h in waiting], timeout=max(0.0, deadline - time.monotonic()))
+            waiting = [h for h in waiting if h.sentinel not in ready]
+    signal_workers(running, signal.SIGKILL)  # before reaping: also takes what they left behind
+    for handle in running:
+        handle.process.join(timeout=5)
+        handle.poll()

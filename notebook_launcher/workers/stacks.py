@@ -25,7 +25,9 @@ def register_dump_handler(path: str) -> None:
     """Worker side: dump every thread's stack into ``path`` on SIGUSR1."""
     import faulthandler
 
-    stream = open(path, "w")  # kept open for the life of the worker, as faulthandler requires
+    # Append mode: the parent truncates the file before each dump, and an append-mode
+    # write always lands at the current end (no hole of NULs at the old offset).
+    stream = open(path, "a")  # kept open for the life of the worker, as faulthandler requires
     faulthandler.register(DUMP_SIGNAL, file=stream, all_threads=True, chain=False)
 
 
