@@ -245,7 +245,7 @@ def test_interrupt_during_teardown_still_cleans_up(kernel):
         notebook_launcher(stubborn, num_processes=2, display="none")
     """), timeout=60, on_output=press_during_teardown)
     assert pressed, result.text
-    assert result.ename in ("KeyboardInterrupt", "WorkerError"), result.text
+    assert result.ename == "KeyboardInterrupt", result.text  # pressed during teardown: deferred, then raised
     assert time.monotonic() - pressed[0] < 3
     assert kernel.wait_no_descendants(timeout=3) == []
     next_launch_works(kernel)
