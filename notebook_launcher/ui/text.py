@@ -39,8 +39,10 @@ class TextView(View):
         super().__init__(prefix, title, clock)
         self._stream = stream
         self._interval = interval
+        # Not "notebook_launcher": a folder of the package's name in the current directory
+        # (python started in /tmp) would shadow the package on import.
         self.plot_dir = plot_dir or os.environ.get("NOTEBOOK_LAUNCHER_PLOT_DIR") or os.path.join(
-            tempfile.gettempdir(), "notebook_launcher")
+            tempfile.gettempdir(), "notebook-launcher-plots")
         self.plot_path: Optional[str] = None
         self.lines_drawn = 0        # progress lines written (or redrawn)
         self._throttle: Optional[Throttle] = None
