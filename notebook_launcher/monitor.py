@@ -22,7 +22,8 @@ from .ui.base import View
 from .workers.processes import WorkerHandle, signal_workers
 
 TICK = 0.1                  # seconds between view refreshes when nothing arrives
-FAILURE_WINDOW = 0.25       # after a first failure, how long to listen for an earlier root cause
+FAILURE_WINDOW = 0.25       # after a "lost my peer" failure, how long to listen for the real one
+PRIMARY_WINDOW = 0.05       # after a real failure: collect ranks failing at the same moment
 EXIT_GRACE = 10.0           # after every rank returned, how long they may take to exit
 MAX_LINE = 64 * 1024        # a "line" longer than this is cut into pieces
 
@@ -78,7 +79,7 @@ class Supervisor:
         self.outcome = Outcome()
         self._failures: dict[int, Failure] = {}
         self._errors: dict[int, dict] = {}
-        self._first_failure_at: Optional[float] = None
+        self._decide_at: Optional[float] = None      # set by the first failure
         self._all_returned_at: Optional[float] = None
         self._decoders = {h.rank: ch.FrameDecoder() for h in handles}
         self._splitters = {(h.rank, s): LineSplitter() for h in handles for s in ("stdout", "stderr")}
@@ -110,9 +111,9 @@ class Supervisor:
             self._selector.register(h.sentinel, selectors.EVENT_READ, (h, "exit"))
 
     def _timeout(self) -> float:
-        if self._first_failure_at is None:
+        if self._decide_at is None:
             return self.tick
-        return max(0.0, min(self.tick, self._first_failure_at + FAILURE_WINDOW - self.clock()))
+        return max(0.0, min(self.tick, self._decide_at - self.clock()))
 
     def _pump(self, timeout: float) -> None:
         for key, _ in self._selector.select(timeout):
@@ -123,8 +124,8 @@ class Supervisor:
                 self._read(handle, what, key.fd)
 
     def _decided(self) -> bool:
-        if self._first_failure_at is not None:
-            return self.clock() >= self._first_failure_at + FAILURE_WINDOW
+        if self._decide_at is not None:
+            return self.clock() >= self._decide_at
         if all(h.exitcode is not None for h in self.handles):
             return True
         return self._lingering()
@@ -234,13 +235,18 @@ class Supervisor:
             failure.secondary = error["secondary"]
             failure.timestamp = error["t"]
             failure.exception = _unpickle_exception(error.get("exception"))
-        if self._first_failure_at is None:
-            self._first_failure_at = now
+        self._failure_seen(failure, now)
+
+    def _failure_seen(self, failure: Failure, now: float) -> None:
+        """A real failure decides the run almost at once; a "lost my peer" error waits a
+        moment longer for the failure that caused it."""
+        decide_at = now + (FAILURE_WINDOW if failure.secondary else PRIMARY_WINDOW)
+        self._decide_at = decide_at if self._decide_at is None else min(self._decide_at, decide_at)
 
     def _check_stalls(self) -> None:
         live = {h.rank: h for h in self.handles if h.exitcode is None}
         stuck = self.stall.stuck(self.clock(), set(live))
-        if not stuck or self._first_failure_at is not None:
+        if not stuck or self._decide_at is not None:
             return
         stacks = {rank: self.stall.dump(rank, live[rank].pid) for rank in stuck}
         report = self.stall.describe(stuck, stacks)
@@ -251,7 +257,7 @@ class Supervisor:
                 message=f"no progress for {self.stall.timeout:g}s (stall_timeout) on "
                         + ", ".join(f"rank {r}" for r in stuck) + "; their stacks show where",
             )
-            self._first_failure_at = failure.timestamp
+            self._failure_seen(failure, failure.timestamp)
         else:
             for rank in stuck:
                 header = f"no progress for {self.stall.timeout:g}s (stall_timeout); its stacks, most recent call first:"
