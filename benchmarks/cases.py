@@ -31,7 +31,7 @@ class Case:
     nproc: int
     family: str     # which host runs it
     code: str = field(compare=False)
-    timeout: float = field(default=300.0, compare=False)
+    timeout: float = field(default=120.0, compare=False)  # the host is restarted after it
 
     @property
     def key(self) -> tuple:
@@ -109,7 +109,8 @@ def _all_cases(rows, wheres, nprocs, steps, state_mb, report_calls) -> list:
 
 
 def _case(row, where, label, nproc, family, call) -> Case:
-    return Case(row, where, label, nproc, family, f"_bench_emit({call})")
+    timeout = 300.0 if row == "throughput" else 120.0
+    return Case(row, where, label, nproc, family, f"_bench_emit({call})", timeout)
 
 
 def parse(stdout: str) -> dict:

@@ -25,6 +25,8 @@ class KernelRunner:
     """
 
     kind = "kernel"
+    generation = 0  # how many times the kernel was restarted (its namespace then is empty)
+    set_up_generation = None  # the generation the orchestrator last ran its setup code in
 
     def __init__(self, name: str, startup_timeout: float = 120) -> None:
         from jupyter_client import KernelManager
@@ -51,16 +53,17 @@ class KernelRunner:
         self.close()
 
     def execute(self, code: str, timeout: float = 300) -> CellOutput:
-        """Run ``code`` as a cell; on timeout the kernel is interrupted and this raises."""
+        """Run ``code`` as a cell; on timeout the kernel is restarted (see `generation`)
+        and this raises."""
         msg_id = self._client.execute(code, store_history=False)
         deadline = time.monotonic() + timeout
         printed, error = [], ""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._km.interrupt_kernel()
-                raise TimeoutError(f"kernel {self.name}: cell did not finish in {timeout}s; "
-                                   f"output:\n{''.join(printed)[-2000:]}")
+                self.restart()
+                raise TimeoutError(f"kernel {self.name}: cell did not finish in {timeout}s (kernel "
+                                   f"restarted); output:\n{''.join(printed)[-2000:]}")
             try:
                 msg = self._client.get_iopub_msg(timeout=min(remaining, 1.0))
             except queue.Empty:
@@ -79,25 +82,46 @@ class KernelRunner:
         self._client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
         return CellOutput(not error, "".join(printed), _strip_ansi(error))
 
+    def restart(self) -> None:
+        """A fresh kernel (what it started is killed); its namespace is empty again."""
+        left = self._descendants()
+        self._client.stop_channels()
+        self._km.restart_kernel(now=True)
+        _kill(left)
+        self._pid = self._km.provisioner.process.pid
+        self._client = self._km.client()
+        self._client.start_channels()
+        self._client.wait_for_ready(timeout=120)
+        self.generation += 1
+
     def close(self) -> None:
         """Shut the kernel down, then kill anything it started that is still alive."""
-        import psutil
-
-        try:
-            left = psutil.Process(self._pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            left = []
+        left = self._descendants()
         try:
             self._client.stop_channels()
         finally:
             if self._km.is_alive():
                 self._km.shutdown_kernel(now=True)
             self._km.cleanup_resources()
-        for proc in left:
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
+        _kill(left)
+
+    def _descendants(self) -> list:
+        import psutil
+
+        try:
+            return psutil.Process(self._pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+
+def _kill(processes: list) -> None:
+    import psutil
+
+    for proc in processes:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _strip_ansi(text: str) -> str:

@@ -43,6 +43,8 @@ class ProcessRunner:
     """
 
     kind = "plain"
+    generation = 0  # how many times the host was restarted (its namespace then is empty)
+    set_up_generation = None  # the generation the orchestrator last ran its setup code in
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -93,8 +95,10 @@ class ProcessRunner:
             printed.append(line)
 
     def _restart(self) -> None:
+        _kill_session(self._process.pid)  # workers in process groups of their own too
         self._kill()
         self._start()
+        self.generation += 1
 
     def _kill(self) -> None:
         try:

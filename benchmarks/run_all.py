@@ -126,9 +126,7 @@ def start_hosts(families: set, wheres: list) -> dict:
             runner = KernelRunner(family) if where == "kernel" else ProcessRunner(family)
             with lock:
                 hosts[(where, family)] = runner
-            output = runner.execute(cases.setup_code(), timeout=180)
-            if not output.ok:
-                raise RuntimeError(output.error)
+            _set_up(runner)
         except Exception as exc:
             with lock:
                 errors.append(f"{where}/{family}: {exc}")
@@ -174,6 +172,7 @@ def run_rounds(case_list: list, hosts: dict, repeats: int, warmup: bool, seed: i
             runner = hosts[(case.where, case.family)]
             case_started = time.monotonic()
             try:
+                _set_up(runner)
                 output = runner.execute(case.code, timeout=case.timeout)
                 if not output.ok:
                     raise CaseFailed(output.error.strip() or "failed", output.stdout)
@@ -236,6 +235,15 @@ def _kill_tree(pid: int) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def _set_up(runner) -> None:
+    """Run the setup cell again in a host that was restarted after a timeout."""
+    if runner.set_up_generation != runner.generation:
+        output = runner.execute(cases.setup_code(), timeout=180)
+        if not output.ok:
+            raise RuntimeError(f"setting up {runner.name} again failed: {output.error}")
+        runner.set_up_generation = runner.generation
 
 
 def leftover_processes() -> list:
