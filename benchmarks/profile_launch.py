@@ -191,12 +191,18 @@ def main(argv=None) -> int:
     parser.add_argument("--big-result", action="store_true", help="profile returning a 100 MB state_dict")
     parser.add_argument("--failure-window", type=float, default=None,
                         help="experiment: override monitor.FAILURE_WINDOW (seconds)")
+    parser.add_argument("--store-after-fork", action="store_true",
+                        help="experiment: start the TCPStore server after forking (see fork_race.py)")
     parser.add_argument("--decide-early", action="store_true",
                         help="experiment: end the failure window once every rank has exited")
     args = parser.parse_args(argv)
     missing = instrument()
     if args.decide_early:
         _decide_when_all_exited()
+    if args.store_after_fork:
+        from benchmarks.fork_race import store_after_fork
+
+        store_after_fork()
     if args.failure_window is not None:
         from notebook_launcher import monitor
 
