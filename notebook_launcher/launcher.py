@@ -69,6 +69,7 @@ def start_attempt(config: LaunchConfig, view: View, attempt: int) -> Attempt:
                   config.start_method != "spawn" or resource_tracker_running(), rdzv=rdzv)
     try:
         run.handles = start_workers(config.start_method, _spec_factory(config, run.rdzv, run.stacks), config.nproc)
+        run.rdzv.serve()  # only now: no store thread may be running while workers fork
     except BaseException as exc:
         _teardown(run, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None)
         raise

@@ -33,6 +33,7 @@ class Rendezvous:
     node_rank: int = 0
     store: Optional[dist.TCPStore] = field(default=None, repr=False)
     handler: Optional[object] = field(default=None, repr=False)  # torch's c10d rendezvous handler
+    listener: Optional[socket.socket] = field(default=None, repr=False)  # reserved port, not yet served
 
     def worker_env(self, rank: int, local_rank: int, local_world_size: int, group_rank: int) -> dict:
         """The environment variables torchrun would give this worker."""
@@ -54,8 +55,23 @@ class Rendezvous:
             "TORCHELASTIC_USE_AGENT_STORE": "True",
         }
 
+    def serve(self, timeout: float = 300.0) -> None:
+        """Start the TCPStore server on the reserved socket (call after forking workers)."""
+        if self.listener is None:
+            return  # another node hosts the store, or torch's rendezvous does
+        self.store = dist.TCPStore(
+            self.master_addr, self.master_port, None, True,
+            timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False,
+            master_listen_fd=self.listener.fileno(), use_libuv=True,
+        )
+        self.listener.detach()  # the store owns (and will close) the socket now
+        self.listener = None
+
     def close(self) -> None:
         """Shut the store server down and free its port."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         self.store = None  # the C++ destructor stops the server and closes the socket
         if self.handler is not None:
             self.handler.shutdown()
@@ -70,9 +86,13 @@ def host_store(
     restart_count: int = 0,
     max_restarts: int = 0,
     run_id: Optional[str] = None,
-    timeout: float = 300.0,
 ) -> Rendezvous:
-    """Start a TCPStore server in this process and describe how workers reach it.
+    """Reserve the store's port in this process and describe how workers reach it.
+
+    Only the listening socket exists until `Rendezvous.serve` starts the TCPStore server:
+    the server's thread must not run while workers are forked (a fork that catches it
+    holding glibc's name-lookup lock leaves the worker frozen when it connects). Workers
+    that connect before ``serve`` simply wait in the socket's backlog.
 
     ``port=None`` (or 0) lets the OS pick a free port. ``bind_all`` listens on every
     interface, needed only when workers on other machines must connect.
@@ -81,29 +101,18 @@ def host_store(
 
         rdzv = host_store("127.0.0.1", world_size=2)
         env = rdzv.worker_env(rank=0, local_rank=0, local_world_size=2, group_rank=0)
+        rdzv.serve()       # after the workers are forked
         rdzv.close()
     """
     listener = _listen(master_addr, port or 0, bind_all)
-    actual_port = listener.getsockname()[1]
-    store = dist.TCPStore(
-        master_addr,
-        actual_port,
-        None,
-        True,
-        timeout=datetime.timedelta(seconds=timeout),
-        wait_for_workers=False,
-        master_listen_fd=listener.fileno(),
-        use_libuv=True,
-    )
-    listener.detach()  # the store owns (and will close) the socket now
     return Rendezvous(
         master_addr=master_addr,
-        master_port=actual_port,
+        master_port=listener.getsockname()[1],
         world_size=world_size,
         run_id=run_id or uuid.uuid4().hex[:12],
         restart_count=restart_count,
         max_restarts=max_restarts,
-        store=store,
+        listener=listener,
     )
 
 
