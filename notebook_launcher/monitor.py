@@ -25,7 +25,7 @@ TICK = 0.1                  # seconds between view refreshes when nothing arrive
 FAILURE_WINDOW = 0.25       # after a "lost my peer" failure, how long to listen for the real one
 PRIMARY_WINDOW = 0.05       # after a real failure: collect ranks failing at the same moment
 EXIT_GRACE = 10.0           # after every rank returned, how long they may take to exit
-MAX_LINE = 64 * 1024        # a "line" longer than this is cut into pieces
+MAX_LINE = 64 * 1024        # a pending partial line (no newline yet) longer than this is emitted as is
 
 
 class LineSplitter:
