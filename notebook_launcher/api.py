@@ -1,4 +1,4 @@
-"""The public entry point. Thin: check the arguments, then run attempts."""
+"""The public entry point. Thin: check the arguments, then launch (`launcher.launch`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from .config import endpoint, resolve
-from .errors import WorkerError
-from .launcher import run_attempt
+from .launcher import launch
 from .ui import make_view
 
 
@@ -98,38 +97,21 @@ def notebook_launcher(
     """
     master_addr, use_port = endpoint(rdzv_endpoint, master_addr, use_port)
     config = resolve(
-        function, args, kwargs, num_processes, mixed_precision, use_port, master_addr, node_rank,
-        num_nodes, rdzv_backend, max_restarts, monitor_interval, log_line_prefix_template,
-        start_method, backend, device, return_all, display, stall_timeout, on_stall, rdzv_timeout,
-        rdzv_id, rdzv_conf,
+        function, args, kwargs, num_processes=num_processes, mixed_precision=mixed_precision,
+        use_port=use_port, master_addr=master_addr, node_rank=node_rank, num_nodes=num_nodes,
+        rdzv_backend=rdzv_backend, max_restarts=max_restarts, monitor_interval=monitor_interval,
+        log_line_prefix_template=log_line_prefix_template, start_method=start_method,
+        backend=backend, device=device, return_all=return_all, display=display,
+        stall_timeout=stall_timeout, on_stall=on_stall, rdzv_timeout=rdzv_timeout,
+        rdzv_id=rdzv_id, rdzv_conf=rdzv_conf,
     )
     for note in config.notes:
         print(note, file=sys.stderr)
+    title = config.describe()
     if config.display != "none":
-        print(_banner(config))
-    title = _banner(config).replace("Launching on ", "", 1)
+        print(f"Launching on {title}")
     if not block:
         from .run import Run
 
         return Run.launch(config, title)
-    attempt = 0
-    while True:
-        view = make_view(config.display, config.line_prefix, title)
-        try:
-            return run_attempt(config, view, attempt)
-        except WorkerError as error:
-            if attempt >= config.max_restarts:
-                raise
-            attempt += 1
-            print(f"rank {error.rank} failed ({error.root.summary()}); restart {attempt} of "
-                  f"{config.max_restarts}", file=sys.stderr)
-
-
-def _banner(config) -> str:
-    what = f"{config.nproc} GPU{'s' if config.nproc != 1 else ''}" if config.device_type == "cuda" \
-        else f"{config.nproc} CPU process{'es' if config.nproc != 1 else ''}"
-    nodes = f" on node {config.node_rank} of {config.num_nodes}" if config.num_nodes > 1 else ""
-    if config.num_nodes > 1 and config.rdzv_backend == "c10d":
-        nodes = f" on one of {config.num_nodes} nodes (c10d rendezvous)"
-    precision = f", {config.mixed_precision}" if config.mixed_precision != "no" else ""
-    return f"Launching on {what}{nodes} ({config.backend}, {config.start_method}{precision})"
+    return launch(config, lambda attempt: make_view(config.display, config.line_prefix, title))

@@ -1,13 +1,27 @@
-"""The worker-to-parent message protocol.
+"""The message protocol between the notebook process and its ranks.
 
-Each message is one frame: an 8-byte big-endian length, then a pickled tuple
-``(kind, payload)``. Kinds are the constants below; payloads are plain Python data.
+Every message is a small frozen dataclass below, carried in an `Envelope` that names
+the task it belongs to (``task_id``; 0 for messages outside any task, like `RankReady`).
+One frame on a pipe is an 8-byte big-endian length, then the pickled envelope (or a
+`Batch` of them). The framing does not care what carries the bytes: a pipe today, a
+socket when ranks live on other machines.
 
-Two ways to send, for two kinds of messages:
+Worker -> parent (the events pipe):
+- `RankReady`: set up, process group formed; waiting for tasks.
+- `Report`, `ProgressUpdate`: `report()` and `progress()` from the running task.
+- `Heartbeat`: the worker's main thread moved since the last beat.
+- `TaskDone`: the task returned (its value pickled, or None for ranks that send none).
+- `TaskFailed`: the task raised; built into a `errors.Failure` in one place
+  (`errors.failure_from`).
+
+Parent -> worker (the control pipe): `TaskRequest` (run one task) and `Shutdown`.
+EOF closes the control pipe: the worker takes it as "the parent is gone".
+
+Two ways for a worker to send, for two kinds of messages:
 - `WorkerChannel.send` writes a frame now, blocking until the parent has it: for
-  messages that must arrive (ready, result, error).
+  messages that must arrive (ready, done, failed).
 - `WorkerChannel.post` never blocks the training loop: it appends to a bounded queue
-  that a background thread flushes every `FLUSH_INTERVAL` seconds as one batch frame.
+  that a background thread flushes every `FLUSH_INTERVAL` seconds as one `Batch` frame.
   When the parent falls behind, the oldest queued messages are dropped.
 """
 
@@ -18,30 +32,93 @@ import os
 import pickle
 import struct
 import threading
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 _HEADER = struct.Struct("!Q")
-
-# Message kinds (worker -> parent).
-READY = "ready"          # {"pid", "backend", "device"}: process group ready, user function starting
-BATCH = "batch"          # [(kind, payload), ...]: posted messages, flushed together
-METRICS = "metrics"      # {"step", "values": {name: float}, "t"}
-PROGRESS = "progress"    # {"n", "total", "desc", "depth", "t"}
-HEARTBEAT = "heartbeat"  # {"t"}: the worker's main thread moved since the last beat
-RESULT = "result"        # {"value": bytes | None, "pickler": "pickle" | "dill" | None}
-ERROR = "error"          # {"message", "traceback", "exc_type", "exception": bytes | None, "secondary", "t"}
 
 FLUSH_INTERVAL = 0.1     # seconds between background flushes of posted messages
 QUEUE_LIMIT = 10_000     # posted messages kept while the parent is slow (oldest dropped first)
 
 
-def encode(kind: str, payload: Any) -> bytes:
-    body = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+# ----------------------------------------------------------------- worker -> parent
+@dataclass(frozen=True)
+class RankReady:
+    pid: int
+    backend: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Report:
+    step: Optional[int]
+    values: dict          # name -> float (empty for ranks that are not plotted)
+    t: float
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    n: int
+    total: Optional[int]
+    desc: Optional[str]
+    depth: int
+    t: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    t: float
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    value: Optional[bytes] = None    # None: this rank was not asked for its value
+    pickler: Optional[str] = None    # "pickle" | "dill"
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    message: str                     # one line, e.g. "ValueError: bad batch"
+    traceback: str                   # the remote traceback, notebook lines included
+    exc_type: str                    # qualified name of the exception type
+    exception: Optional[bytes]       # the exception pickled, when it could be rebuilt
+    secondary: bool                  # looks like a consequence of another rank's failure
+    t: float                         # time.monotonic() when it happened
+    exitcode: Optional[int] = None   # sys.exit(code) in the task; None for an exception
+
+
+# ----------------------------------------------------------------- parent -> worker
+@dataclass(frozen=True)
+class TaskRequest:
+    blob: bytes                      # the task (`workers.tasks`), pickled with dill
+    send_value: bool                 # return the value, or only say it is done
+    sources: dict = field(default_factory=dict)  # notebook cells for tracebacks (linecache entries)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Leave the task loop and exit cleanly."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    task_id: int
+    message: Any
+
+
+@dataclass(frozen=True)
+class Batch:
+    envelopes: list
+
+
+# ----------------------------------------------------------------- framing
+def encode(envelope: Any) -> bytes:
+    body = pickle.dumps(envelope, protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(body)) + body
 
 
 class FrameDecoder:
-    """Parent side: turns a byte stream into messages, whatever the chunking."""
+    """Turns a byte stream into envelopes, whatever the chunking."""
 
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
@@ -49,7 +126,7 @@ class FrameDecoder:
         self._need = _HEADER.size
         self._in_body = False
 
-    def feed(self, data: bytes) -> Iterator[tuple[str, Any]]:
+    def feed(self, data: bytes) -> Iterator[Envelope]:
         self._chunks.append(data)
         self._buffered += len(data)
         while self._buffered >= self._need:
@@ -59,7 +136,8 @@ class FrameDecoder:
             self._buffered = len(rest)
             if self._in_body:
                 self._need, self._in_body = _HEADER.size, False
-                yield from _unbatch(pickle.loads(frame))
+                decoded = pickle.loads(frame)
+                yield from decoded.envelopes if isinstance(decoded, Batch) else (decoded,)
             else:
                 (self._need,) = _HEADER.unpack(frame)
                 self._in_body = True
@@ -69,18 +147,19 @@ class FrameDecoder:
         return self._buffered
 
 
-def _unbatch(message: tuple[str, Any]) -> Iterator[tuple[str, Any]]:
-    kind, payload = message
-    if kind == BATCH:
-        yield from payload
-    else:
-        yield message
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 class WorkerChannel:
-    """Worker side of the channel. Owns the write end of the events pipe."""
+    """Worker side of the events pipe. ``task_id`` is the task running now; every
+    message sent or posted is stamped with it."""
 
     def __init__(self, fd: int) -> None:
+        self.task_id = 0
         self._fd = fd
         self._pid = os.getpid()
         self._queue: collections.deque = collections.deque(maxlen=QUEUE_LIMIT)
@@ -89,15 +168,15 @@ class WorkerChannel:
         self._lock = threading.Lock()  # one writer at a time on the pipe
         self._flusher: threading.Thread | None = None
 
-    def send(self, kind: str, payload: Any) -> None:
+    def send(self, message: Any) -> None:
         """Write one message now (after anything posted before it)."""
-        self._flush(encode(kind, payload))
+        self._flush(encode(Envelope(self.task_id, message)))
 
-    def post(self, kind: str, payload: Any) -> None:
+    def post(self, message: Any) -> None:
         """Queue a message for the background flusher; never blocks."""
         if os.getpid() != self._pid:  # a process forked from the worker (DataLoader): not ours
             return
-        self._queue.append((kind, payload))
+        self._queue.append(Envelope(self.task_id, message))
         if self._flusher is None:
             self._start_flusher()
 
@@ -132,13 +211,10 @@ class WorkerChannel:
                 batch.append(self._queue.popleft())
             except IndexError:
                 break
-        return encode(BATCH, batch) if batch else b""
+        return encode(Batch(batch)) if batch else b""
 
     def _flush(self, extra: bytes = b"") -> None:
         # Drain under the lock so posted messages and sent ones keep their order.
         with self._lock:
             for data in (self._drain_posted(), extra):
-                view = memoryview(data)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+                write_all(self._fd, data)

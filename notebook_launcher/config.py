@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from . import environment
 from .errors import LaunchConfigError
 from .serialization import unsendable_reason
+from .ui.base import DEFAULT_PREFIX
 from .workers import context
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -65,19 +66,43 @@ class LaunchConfig:
     def first_rank(self) -> int:
         return self.node_rank * self.nproc
 
+    def describe(self) -> str:
+        """What runs where, e.g. "2 CPU processes (gloo, fork)" or "8 GPUs on node 1 of 2
+        (nccl, fork, bf16)": the launch banner, the dashboard's title and `env`'s line."""
+        if self.device_type == "cuda":
+            what = f"{self.nproc} GPU{'s' if self.nproc != 1 else ''}"
+        else:
+            what = f"{self.nproc} CPU process{'es' if self.nproc != 1 else ''}"
+        nodes = f" on node {self.node_rank} of {self.num_nodes}" if self.num_nodes > 1 else ""
+        if self.num_nodes > 1 and self.rdzv_backend == "c10d":
+            nodes = f" on one of {self.num_nodes} nodes (c10d rendezvous)"
+        precision = f", {self.mixed_precision}" if self.mixed_precision != "no" else ""
+        return f"{what}{nodes} ({self.backend}, {self.start_method}{precision})"
 
-def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixed_precision: Any,
-            use_port: Any, master_addr: Any, node_rank: Any, num_nodes: Any, rdzv_backend: Any,
-            max_restarts: Any, monitor_interval: Any, log_line_prefix_template: Any,
-            start_method: Any, backend: Any, device: Any, return_all: bool, display: str,
+
+def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = None, *,
+            num_processes: Any = None, mixed_precision: Any = "no", use_port: Any = None,
+            master_addr: Any = "127.0.0.1", node_rank: Any = 0, num_nodes: Any = 1,
+            rdzv_backend: Any = "static", max_restarts: Any = 0, monitor_interval: Any = 0.1,
+            log_line_prefix_template: Any = None, start_method: Any = "auto", backend: Any = "auto",
+            device: Any = "auto", return_all: bool = False, display: str = "auto",
             stall_timeout: Any = None, on_stall: Any = "warn", rdzv_timeout: Any = 600,
             rdzv_id: Any = "none", rdzv_conf: Any = None) -> LaunchConfig:
+    """Check every option and decide every "auto"; raises `LaunchConfigError` saying what to do.
+
+    ``function`` is None for a `Session`, whose tasks come later.
+
+    Example::
+
+        config = resolve(train, (10,), num_processes=2, device="cpu")
+        config.describe()   # "2 CPU processes (gloo, fork)"
+    """
     if context.current() is not None:
         raise LaunchConfigError(
             "notebook_launcher was called from inside a launched worker. Call it from the "
             "notebook (or script) itself; inside the function you are already distributed."
         )
-    if not callable(function):
+    if function is not None and not callable(function):
         raise LaunchConfigError(f"function must be callable, got {type(function).__name__}: pass the function itself, not its result.")
     if not isinstance(args, (tuple, list)):
         raise LaunchConfigError(
@@ -120,7 +145,7 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
     method, reason = _start_method(start_method, env, device_type)
     extra_env, notes = _gpu_quirks(env, device_type, nproc, method)
     args, kwargs = tuple(args), dict(kwargs or {})
-    if method == "spawn":
+    if method == "spawn" and function is not None:
         _check_sendable(function, args, kwargs)
     return LaunchConfig(
         function=function, args=args, kwargs=kwargs, nproc=nproc, num_nodes=num_nodes,
@@ -128,7 +153,7 @@ def resolve(function: Callable, args: Any, kwargs: Any, num_processes: Any, mixe
         start_method_reason=reason, mixed_precision=mixed_precision,
         master_addr=str(master_addr), port=port, max_restarts=max_restarts,
         return_all=bool(return_all), display=display, tick=_tick(monitor_interval),
-        line_prefix=log_line_prefix_template or "[rank${rank}]: ",
+        line_prefix=log_line_prefix_template or DEFAULT_PREFIX,
         num_threads=_threads_per_worker(env, nproc), stall_timeout=stall_timeout,
         on_stall=on_stall, rdzv_timeout=rdzv_timeout, environment=env,
         extra_env=extra_env, notes=tuple(n for n in (reason, *notes) if n),

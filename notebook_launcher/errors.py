@@ -115,6 +115,26 @@ class WorkerError(ChildFailedError):
         return "\n".join(parts)
 
 
+def failure_from(rank: int, pid: int, message) -> Failure:
+    """The one place a `channel.TaskFailed` message becomes a `Failure`."""
+    return Failure(rank=rank, pid=pid, exitcode=message.exitcode, message=message.message,
+                   traceback=message.traceback, exc_type=message.exc_type,
+                   exception=_unpickle_exception(message.exception), secondary=message.secondary,
+                   timestamp=message.t)
+
+
+def _unpickle_exception(blob: Optional[bytes]) -> Optional[BaseException]:
+    if not blob:
+        return None
+    import pickle
+
+    try:
+        exc = pickle.loads(blob)
+    except Exception:
+        return None
+    return exc if isinstance(exc, BaseException) else None
+
+
 def _as_process_failure(failure: Failure) -> ProcessFailure:
     # torch's ProcessFailure reads an error file in __post_init__; with none it makes up a message.
     pf = ProcessFailure(

@@ -1,11 +1,16 @@
-"""One launch attempt: rendezvous, workers, supervision, teardown.
+"""Starting and stopping ranks, and the one-shot launch with its restart loop.
 
-`start_attempt` is the only place that starts workers and `_teardown` the only place
-that stops them: `start_attempt` tears down what it started if it fails, and
-`supervise`'s ``finally`` does it on every other path (success, failure, Interrupt, a
-stop request or a bug of ours), so no worker and no store outlives an attempt.
-`run_attempt` is the two in a row; a ``block=False`` run calls `start_attempt` in the
-cell's thread and `supervise` in its own thread.
+`start_ranks` is the only place that starts workers and `teardown` the only place that
+stops them. A `Ranks` group (rendezvous, worker processes, their pipes, stack-dump
+files) belongs to one owner: a one-shot launch attempt, which tears it down in
+`supervise`'s ``finally`` on every path (success, failure, Interrupt, a stop request or a
+bug of ours), or a `session.Session`, which tears it down when it is closed or broken.
+No worker and no store outlives its owner.
+
+A one-shot launch is one task on ranks that exit after it: `start_attempt` (from the
+cell's thread: the parent-death signal is tied to the thread that forks) then
+`supervise` (any thread). `launch` is the one restart loop around them, used by
+``notebook_launcher`` and by ``block=False`` runs alike.
 """
 
 from __future__ import annotations
@@ -19,63 +24,188 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from . import channel as ch
 from . import rendezvous
 from .config import LaunchConfig
 from .errors import WorkerError
-from .monitor import StallWatch, Supervisor
+from .monitor import RankIO, StallWatch, Supervisor
 from .serialization import dumps_task, loads_result
-from .state import Finished, RunState
+from .state import Finished, RunState, RunStatus
 from .ui.base import View
-from .workers.bootstrap import InheritedFds, Task, WorkerSpec
+from .workers.bootstrap import InheritedFds, WorkerSpec
+from .workers.processes import (resource_tracker_running, start_workers, stop_resource_tracker, stop_workers)
 from .workers.stacks import StackDumps
-from .workers.processes import (WorkerHandle, resource_tracker_running, start_workers, stop_resource_tracker,
-                                stop_workers)
+from .workers.tasks import Call
 
 TEARDOWN_GRACE = 1.0   # seconds between SIGTERM and SIGKILL
 ROOT_EXIT_WAIT = 0.5   # let a rank that reported an error exit by itself, for its real exit code
+EXIT_GRACE = 10.0      # after every rank returned, how long they may take to exit (NCCL teardown)
+FIRST_TASK = 1         # task id of a one-shot launch's task
 
 
-def run_attempt(config: LaunchConfig, view: View, attempt: int) -> Any:
-    """Run the function once on every local rank; return rank 0's value (or all of them)."""
-    return supervise(start_attempt(config, view, attempt))
+class RunStopped(Exception):
+    """A stop request (``Run.stop``) ended the call."""
 
 
 @dataclass
-class Attempt:
-    """One attempt whose workers are running: what `supervise` needs to watch and tear down."""
+class Ranks:
+    """One generation of ranks on this machine and what they own."""
 
     config: LaunchConfig
-    view: View
-    state: RunState
+    rdzv: Optional[rendezvous.Rendezvous]
     stacks: StackDumps
     tracker_was_running: bool
-    rdzv: Optional[rendezvous.Rendezvous] = None
-    handles: list = field(default_factory=list)
+    io: list = field(default_factory=list)   # RankIO per local rank
+
+    @property
+    def handles(self) -> list:
+        return [io.handle for io in self.io]
+
+    def send(self, ranks: list, message: Any, task_id: int = 0) -> None:
+        """Write a control message to the given ranks."""
+        frame = ch.encode(ch.Envelope(task_id, message))
+        for io in self.io:
+            if io.rank in ranks:
+                ch.write_all(io.handle.fds.control, frame)
+
+    def stall_watch(self) -> Optional[StallWatch]:
+        if self.config.stall_timeout is None:
+            return None
+        return StallWatch(self.config.stall_timeout, self.config.on_stall,
+                          lambda rank, pid: self.stacks.dump(rank, pid))
+
+
+def start_ranks(config: LaunchConfig, attempt: int, *, persistent: bool,
+                first_task: Optional[Call] = None) -> Ranks:
+    """Rendezvous and workers, started from the calling thread. On any error everything
+    started is torn down."""
+    config, rdzv = _meet(config, attempt)
+    ranks = Ranks(config, rdzv, StackDumps(), config.start_method != "spawn" or resource_tracker_running())
+    try:
+        specs = _spec_factory(config, rdzv, ranks.stacks, persistent, first_task)
+        ranks.io = [RankIO(h) for h in start_workers(config.start_method, specs, config.nproc)]
+        rdzv.serve()  # only now: no store thread may be running while workers fork
+    except BaseException:
+        teardown(ranks, graceful=False)
+        raise
+    return ranks
+
+
+def teardown(ranks: Ranks, graceful: bool) -> None:
+    """Stop every rank and free what they own. Every step runs even if an earlier one
+    fails; Interrupts wait until the end. ``graceful``: ranks that are ending by
+    themselves (they returned, or were told to shut down) get `EXIT_GRACE` first."""
+    steps = [
+        lambda: graceful and _wait_for_exits(ranks.handles, EXIT_GRACE),
+        lambda: stop_workers(ranks.handles, grace=TEARDOWN_GRACE),
+        lambda: [handle.close_all() for handle in ranks.handles],
+        lambda: ranks.rdzv is not None and ranks.rdzv.close(),
+        lambda: ranks.tracker_was_running or stop_resource_tracker(),
+        ranks.stacks.close,
+    ]
+    with interrupts_deferred():
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # report, but never hide the run's own outcome
+                print(f"notebook_launcher: teardown step failed: {exc!r}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------- one-shot launches
+@dataclass
+class Attempt:
+    """One attempt whose workers are running: what `supervise` watches and tears down."""
+
+    ranks: Ranks
+    view: View
+    state: RunState
 
 
 def start_attempt(config: LaunchConfig, view: View, attempt: int) -> Attempt:
-    """Rendezvous and workers, started from the calling thread (the parent-death signal
-    is tied to the thread that forks). On any error everything started is torn down."""
-    config, rdzv = _meet(config, attempt)
+    ranks = start_ranks(config, attempt, persistent=False,
+                        first_task=Call(config.function, config.args, config.kwargs))
+    config = ranks.config
     state = RunState(
         world_size=config.world_size,
         local_ranks=list(range(config.first_rank, config.first_rank + config.nproc)),
         backend=config.backend, device=config.device_type, start_method=config.start_method,
         attempt=attempt,
     )
-    run = Attempt(config, view, state, StackDumps(),
-                  config.start_method != "spawn" or resource_tracker_running(), rdzv=rdzv)
+    return Attempt(ranks, view, state)
+
+
+def supervise(run: Attempt, stop: Optional[threading.Event] = None, sinks: tuple = ()) -> Any:
+    """Watch a started attempt to its end (any thread); always tears it down."""
+    config, state = run.ranks.config, run.state
+    status, failure = RunStatus.FAILED, None
     try:
-        run.handles = start_workers(config.start_method, _spec_factory(config, run.rdzv, run.stacks), config.nproc)
-        run.rdzv.serve()  # only now: no store thread may be running while workers fork
-    except BaseException as exc:
-        _teardown(run, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None)
+        supervisor = Supervisor(run.ranks.io, state, run.view, FIRST_TASK, tick=config.tick,
+                                stall=run.ranks.stall_watch(), stop=stop, sinks=sinks)
+        try:
+            outcome = supervisor.run()
+        finally:
+            supervisor.close()
+        if outcome.stopped:
+            status = RunStatus.STOPPED
+            raise RunStopped()
+        if outcome.root is not None:
+            failure = outcome.root
+            _fill_exitcodes(run.ranks, outcome.failures)
+            raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root],
+                              attempt=state.attempt) from outcome.root.exception
+        status = RunStatus.SUCCEEDED
+        return collect(config, outcome.results, state.local_ranks, config.return_all)
+    except KeyboardInterrupt:
+        status = RunStatus.INTERRUPTED
         raise
-    return run
+    finally:
+        teardown(run.ranks, graceful=status == RunStatus.SUCCEEDED)
+        finish_view(run.view, state, status, failure)
 
 
+def launch(config: LaunchConfig, make_view: Callable[[int], View], *, first: Optional[Attempt] = None,
+           stop: Optional[threading.Event] = None, on_attempt: Callable[[Attempt], None] = lambda a: None) -> Any:
+    """Run attempts until one succeeds or ``config.max_restarts`` restarts are used up
+    (then the last `WorkerError` is raised). ``first``: an attempt already started."""
+    attempt = first or start_attempt(config, make_view(0), 0)
+    while True:
+        on_attempt(attempt)
+        try:
+            return supervise(attempt, stop)
+        except WorkerError as error:
+            number = attempt.state.attempt + 1
+            if number > config.max_restarts or (stop is not None and stop.is_set()):
+                raise
+            print(f"rank {error.rank} failed ({error.root.summary()}); restart {number} of "
+                  f"{config.max_restarts}", file=sys.stderr)
+            attempt = start_attempt(config, make_view(number), number)
+
+
+def finish_view(view: View, state: RunState, status: RunStatus, failure) -> None:
+    """The call's end, in the state and on the view (never hiding the call's own outcome)."""
+    with interrupts_deferred():
+        for step in (lambda: state.apply(Finished(status, time.monotonic(), failure)),
+                     lambda: view.finish(state)):
+            try:
+                step()
+            except Exception as exc:
+                print(f"notebook_launcher: the view failed at the end: {exc!r}", file=sys.stderr)
+
+
+def collect(config: LaunchConfig, results: dict, ranks: list, return_all: bool) -> Any:
+    """Rank 0's value (None on other nodes), or every rank's in rank order."""
+    def value(rank: int) -> Any:
+        entry = results.get(rank)
+        return None if entry is None else loads_result(*entry)
+
+    if return_all:
+        return [value(rank) for rank in ranks]
+    return value(0) if 0 in ranks else None
+
+
+# ----------------------------------------------------------------- helpers
 def _meet(config: LaunchConfig, attempt: int) -> tuple:
     """(config with this node's rank, the rendezvous its workers will use)."""
     if config.rdzv_backend == "c10d" and config.num_nodes > 1:
@@ -87,67 +217,17 @@ def _meet(config: LaunchConfig, attempt: int) -> tuple:
         return config, rendezvous.host_store(
             config.master_addr, config.world_size, port=config.port, bind_all=config.num_nodes > 1,
             restart_count=attempt, max_restarts=config.max_restarts)
-    return config, _remote_rendezvous(config, attempt)
-
-
-def supervise(run: Attempt) -> Any:
-    """Watch a started attempt to its end (any thread); always tears it down.
-
-    A ``KeyboardInterrupt`` (or a subclass with a ``status``, which is how a ``block=False``
-    run is stopped) ends it as interrupted (or that status).
-    """
-    config, state, handles = run.config, run.state, run.handles
-    status, failure = "failed", None
-    try:
-        expect = set(state.local_ranks) if config.return_all else {0} & set(state.local_ranks)
-        stall = None if config.stall_timeout is None else StallWatch(
-            config.stall_timeout, config.on_stall, lambda rank, pid: run.stacks.dump(rank, pid))
-        outcome = Supervisor(handles, state, run.view, expect, tick=config.tick, stall=stall).run()
-        if outcome.root is not None:
-            failure = outcome.root
-            _wait_for_exit([h for h in handles if h.rank == failure.rank], ROOT_EXIT_WAIT)
-            _fill_exitcodes(outcome.failures, handles)
-            raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root],
-                              attempt=state.attempt) from outcome.root.exception
-        status = "succeeded"
-        return _collect(config, state, outcome.results)
-    except KeyboardInterrupt as exc:
-        status = getattr(exc, "status", "interrupted")
-        raise
-    finally:
-        _teardown(run, status, failure)
-
-
-def _teardown(run: Attempt, status: str, failure) -> None:
-    """Every step runs even if an earlier one fails; Interrupts wait until the end."""
-    steps = [
-        lambda: stop_workers(run.handles, grace=TEARDOWN_GRACE),
-        lambda: [handle.close_all() for handle in run.handles],
-        lambda: run.rdzv is not None and run.rdzv.close(),
-        lambda: run.tracker_was_running or stop_resource_tracker(),
-        run.stacks.close,
-        lambda: run.state.apply(Finished(status, time.monotonic(), failure)),
-        lambda: run.view.finish(run.state),
-    ]
-    with _interrupts_deferred():
-        for step in steps:
-            try:
-                step()
-            except Exception as exc:  # report, but never hide the run's own outcome
-                print(f"notebook_launcher: teardown step failed: {exc!r}", file=sys.stderr)
-
-
-def _remote_rendezvous(config: LaunchConfig, attempt: int) -> rendezvous.Rendezvous:
     # Nodes other than 0 host nothing: their workers connect to node 0's store.
-    return rendezvous.Rendezvous(config.master_addr, config.port, config.world_size, run_id="static",
-                                 restart_count=attempt, max_restarts=config.max_restarts)
+    return config, rendezvous.Rendezvous(config.master_addr, config.port, config.world_size, run_id="static",
+                                         restart_count=attempt, max_restarts=config.max_restarts)
 
 
-def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous, stacks: StackDumps):
-    task = Task(config.function, config.args, config.kwargs)
+def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous, stacks: StackDumps, persistent: bool,
+                  first_task: Optional[Call]):
     spawn = config.start_method == "spawn"
-    task_blob = dumps_task(task) if spawn else None
-    sources = _notebook_sources() if spawn else {}
+    first_request = None
+    if spawn and first_task is not None:
+        first_request = ch.TaskRequest(dumps_task(first_task), send_value=True, sources=notebook_sources())
     common_env = {
         "OMP_NUM_THREADS": str(config.num_threads),
         "ACCELERATE_MIXED_PRECISION": config.mixed_precision,
@@ -167,39 +247,41 @@ def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous, stacks: Sta
             device=f"cuda:{local_rank}" if config.device_type == "cuda" else "cpu",
             mixed_precision=config.mixed_precision, restart_count=rdzv.restart_count,
             num_threads=config.num_threads, env=env, fds=fds, parent_pid=os.getpid(),
-            send_result=config.return_all or rank == 0, close_fds=() if spawn else close_fds,
-            task=None if spawn else task, task_blob=task_blob, notebook_sources=sources,
+            persistent=persistent, close_fds=() if spawn else close_fds,
+            first_task=None if spawn else first_task, first_request=first_request, first_task_id=FIRST_TASK,
+            send_result=config.return_all or rank == 0,
+            notebook_sources=notebook_sources() if spawn else {},
             stack_file=stacks.path(rank), rdzv_timeout=config.rdzv_timeout if config.num_nodes > 1 else None,
         )
 
     return make_spec
 
 
-def _notebook_sources() -> dict:
-    # Cells registered by IPython have no file on disk (mtime None); a spawned worker
-    # needs them to show the notebook's own lines in its tracebacks.
+def notebook_sources(skip: frozenset = frozenset()) -> dict:
+    """Notebook cells known to linecache (they have no file: mtime None), except ``skip``.
+    A rank that did not fork from this state needs them to show the notebook's own lines
+    in its tracebacks."""
     return {name: entry for name, entry in list(linecache.cache.items())
-            if len(entry) == 4 and entry[1] is None}
+            if len(entry) == 4 and entry[1] is None and name not in skip}
 
 
-def _collect(config: LaunchConfig, state: RunState, results: dict) -> Any:
-    def value(rank: int) -> Any:
-        entry = results.get(rank)
-        return None if entry is None else loads_result(*entry)
-
-    if config.return_all:
-        return [value(rank) for rank in state.local_ranks]
-    return value(0) if config.node_rank == 0 else None
-
-
-def _wait_for_exit(handles: list[WorkerHandle], timeout: float) -> None:
+def _wait_for_exits(handles: list, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for handle in handles:
         handle.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if handle.poll() is None:
+            print(f"notebook_launcher: rank {handle.rank} did not exit within {timeout:g}s: stopping it",
+                  file=sys.stderr)
+
+
+def _fill_exitcodes(ranks: Ranks, failures: list) -> None:
+    """A rank that reported its error exits by itself: wait briefly for its real exit code."""
+    waiting = {f.rank for f in failures if f.exitcode is None}
+    handles = [h for h in ranks.handles if h.rank in waiting]
+    deadline = time.monotonic() + ROOT_EXIT_WAIT
+    for handle in handles:
+        handle.process.join(timeout=max(0.0, deadline - time.monotonic()))
         handle.poll()
-
-
-def _fill_exitcodes(failures: list, handles: list[WorkerHandle]) -> None:
     codes = {h.rank: h.exitcode for h in handles}
     for failure in failures:
         if failure.exitcode is None:
@@ -207,8 +289,8 @@ def _fill_exitcodes(failures: list, handles: list[WorkerHandle]) -> None:
 
 
 @contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold a second Interrupt until teardown is done, then deliver it."""
+def interrupts_deferred():
+    """Hold a second Interrupt until the block is done, then deliver it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -1,9 +1,16 @@
-"""The parent's event loop: one selector over every worker pipe and process sentinel.
+"""The parent's event loop for one call: one selector over every rank's pipes and
+process sentinel.
 
-It decodes worker messages into `RunState` events, forwards output lines to the view,
-notices failures, picks the root cause, and decides when the run is over. It never
-touches processes itself beyond reading; stopping them is the caller's job (so that
-teardown happens in one place, on every exit path).
+A call is one task on a set of ranks (a launch attempt's function, a ``session.run``,
+a ``%%dist`` cell). It ends when every rank sent the result or the error of THAT task
+(messages carry a task id; a late message of an earlier task is ignored), or when a
+failure decides it: in a one-shot launch a real failure decides at once (after
+`PRIMARY_WINDOW`, to catch ranks failing at the same moment), in a session the other
+ranks get `PEER_GRACE` to finish the task too, so that the session survives a user error.
+
+The loop decodes messages into `RunState` events, forwards output lines to the view,
+notes failures and picks the root cause. It never stops processes; its caller (the
+session) does, in one place.
 """
 
 from __future__ import annotations
@@ -15,16 +22,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import threading
+
 from . import channel as ch
-from .errors import Failure
-from .state import Exited, Metrics, Output, Progress, Ready, RunState, Started
+from .errors import Failure, failure_from
+from .state import (Exited, Heartbeat, Metrics, Output, Progress, Ready, RunState, Stalled, Started,
+                    TaskEnded)
 from .ui.base import View
 from .workers.processes import WorkerHandle, signal_workers
 
 TICK = 0.1                  # seconds between view refreshes when nothing arrives
 FAILURE_WINDOW = 0.25       # after a "lost my peer" failure, how long to listen for the real one
 PRIMARY_WINDOW = 0.05       # after a real failure: collect ranks failing at the same moment
-EXIT_GRACE = 10.0           # after every rank returned, how long they may take to exit
+PEER_GRACE = 1.5            # session: after a failure, how long the other ranks may take to end the task
 MAX_LINE = 64 * 1024        # a pending partial line (no newline yet) longer than this is emitted as is
 
 
@@ -54,61 +64,116 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+class RankIO:
+    """The parent's side of one rank's pipes, kept for the life of the rank: a frame or
+    a line cut in two by one call is completed in the next."""
+
+    def __init__(self, handle: WorkerHandle) -> None:
+        self.handle = handle
+        self.rank = handle.rank
+        self.decoder = ch.FrameDecoder()
+        self.splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self.ready = False
+
+    def fds(self) -> dict:
+        fds = self.handle.fds
+        return {"events": fds.events, "stdout": fds.stdout, "stderr": fds.stderr}
+
+
 @dataclass
 class Outcome:
-    """How the supervised run ended."""
+    """How a call ended."""
 
-    results: dict = field(default_factory=dict)   # rank -> (blob, pickler)
+    results: dict = field(default_factory=dict)   # rank -> (blob, pickler), or None (no value asked)
     root: Optional[Failure] = None
     failures: list = field(default_factory=list)  # every failure seen, root included
+    unfinished: list = field(default_factory=list)  # ranks that neither returned nor raised
+    died: list = field(default_factory=list)        # ranks whose process ended during the call
+    stopped: bool = False                           # a stop request ended it
 
 
 class Supervisor:
-    """Watches one attempt's workers until they all succeed or one fails."""
+    """Watches one call on ``ranks`` until it is decided.
 
-    def __init__(self, handles: list[WorkerHandle], state: RunState, view: View,
-                 expect_result: set, tick: float = TICK, clock=time.monotonic,
-                 stall: Optional["StallWatch"] = None) -> None:
-        self.handles = handles
-        self.tick = tick
-        self.stall = stall
+    ``task_id`` 0 is a session's start: a rank has "finished" when it is ready.
+    ``persistent``: the ranks are a session's and must outlive the call (so a process
+    exit is a failure, and other ranks get `PEER_GRACE` after a failure).
+    ``stop``: an Event another thread sets to end the call (``Run.stop``).
+    ``sinks``: objects with ``on_message(rank, message)`` fed every message of this task
+    that the state does not use (experiment trackers).
+    """
+
+    def __init__(self, ranks: list, state: RunState, view: View, task_id: int, *,
+                 persistent: bool = False, tick: float = TICK, clock=time.monotonic,
+                 stall: Optional["StallWatch"] = None, stop: Optional[threading.Event] = None,
+                 sinks: tuple = ()) -> None:
+        self.ranks = {io.rank: io for io in ranks}
         self.state = state
         self.view = view
-        self.expect_result = expect_result
+        self.task_id = task_id
+        self.persistent = persistent
+        self.tick = tick
         self.clock = clock
+        self.stall = stall
+        self.stop = stop
+        self.sinks = sinks
         self.outcome = Outcome()
+        self.finished: set = set()
         self._failures: dict[int, Failure] = {}
-        self._errors: dict[int, dict] = {}
         self._decide_at: Optional[float] = None      # set by the first failure
-        self._all_returned_at: Optional[float] = None
-        self._decoders = {h.rank: ch.FrameDecoder() for h in handles}
-        self._splitters = {(h.rank, s): LineSplitter() for h in handles for s in ("stdout", "stderr")}
         self._selector = selectors.DefaultSelector()
+        self._registered = False
+        self._give_up_at: Optional[float] = None
 
     # ------------------------------------------------------------- main loop
-    def run(self) -> Outcome:
-        """Block until the run is decided. KeyboardInterrupt propagates to the caller."""
+    def run(self, timeout: Optional[float] = None) -> Outcome:
+        """Block until the call is decided (or ``timeout`` seconds pass: then it ends as
+        stopped). KeyboardInterrupt propagates to the caller, who may then `wind_down`
+        (the selector stays open until `close`)."""
         self._register()
-        self.state.apply(Started(self.clock(), {h.rank: h.pid for h in self.handles}))
-        self.view.start(self.state)
-        try:
-            while not self._decided():
-                self._pump(self._timeout())
+        now = self.clock()
+        self._give_up_at = None if timeout is None else now + timeout
+        self.state.apply(Started(now, {r: io.handle.pid for r, io in self.ranks.items()}))
+        for io in self.ranks.values():
+            if io.ready:
+                self.state.apply(Ready(io.rank, now))
                 if self.stall is not None:
-                    self._check_stalls()
-                self.view.refresh(self.state)
+                    self.stall.active(io.rank, now, ready=True)
+        self.view.start(self.state)
+        while not self._decided():
+            self._pump(self._timeout())
+            if self.stall is not None:
+                self._check_stalls()
+            self.view.refresh(self.state)
+        return self.conclude()
+
+    def wind_down(self, timeout: float) -> list:
+        """After an Interrupt was forwarded: pump until every rank ended the task or
+        ``timeout`` passes; returns the ranks that did not."""
+        deadline = self.clock() + timeout
+        self._register()
+        while self._unfinished() and self.clock() < deadline:
+            self._pump(max(0.0, min(self.tick, deadline - self.clock())))
+        return sorted(self._unfinished())
+
+    def close(self) -> None:
+        """Take what is already in the pipes (last lines), then release the selector."""
+        try:
             self._drain()
         finally:
             self._selector.close()
-        self._conclude()
-        return self.outcome
 
     def _register(self) -> None:
-        for h in self.handles:
-            self._selector.register(h.fds.events, selectors.EVENT_READ, (h, "events"))
-            self._selector.register(h.fds.stdout, selectors.EVENT_READ, (h, "stdout"))
-            self._selector.register(h.fds.stderr, selectors.EVENT_READ, (h, "stderr"))
-            self._selector.register(h.sentinel, selectors.EVENT_READ, (h, "exit"))
+        if self._registered:
+            return
+        self._registered = True
+        for io in self.ranks.values():
+            if io.handle.exitcode is not None:
+                continue
+            for what, fd in io.fds().items():
+                if fd not in io.handle.closed:
+                    self._selector.register(fd, selectors.EVENT_READ, (io, what))
+            self._selector.register(io.handle.sentinel, selectors.EVENT_READ, (io, "exit"))
 
     def _timeout(self) -> float:
         if self._decide_at is None:
@@ -117,36 +182,26 @@ class Supervisor:
 
     def _pump(self, timeout: float) -> None:
         for key, _ in self._selector.select(timeout):
-            handle, what = key.data
+            io, what = key.data
             if what == "exit":
-                self._on_exit(handle, key.fd)
+                self._on_exit(io, key.fd)
             else:
-                self._read(handle, what, key.fd)
+                self._read(io, what, key.fd)
+
+    def _unfinished(self) -> set:
+        return {r for r, io in self.ranks.items() if r not in self.finished and io.handle.exitcode is None}
 
     def _decided(self) -> bool:
-        if self._decide_at is not None:
-            return self.clock() >= self._decide_at
-        if all(h.exitcode is not None for h in self.handles):
+        if not self._unfinished():
             return True
-        return self._lingering()
-
-    def _lingering(self) -> bool:
-        """Every rank returned its value but some do not exit (e.g. stuck tearing down
-        NCCL): after EXIT_GRACE the run is decided anyway and teardown stops them."""
-        if len(self.outcome.results) < len(self.handles):
-            return False
-        if self._all_returned_at is None:
-            self._all_returned_at = self.clock()
-        if self.clock() < self._all_returned_at + EXIT_GRACE:
-            return False
-        for h in self.handles:
-            if h.exitcode is None:
-                self._emit_lines(h.rank, "stderr", [f"returned, but did not exit within {EXIT_GRACE:g}s: stopping it"],
-                                 activity=False)
-        return True
+        if (self.stop is not None and self.stop.is_set()) or \
+                (self._give_up_at is not None and self.clock() >= self._give_up_at):
+            self.outcome.stopped = True
+            return True
+        return self._decide_at is not None and self.clock() >= self._decide_at
 
     # ------------------------------------------------------------- reading
-    def _read(self, handle: WorkerHandle, what: str, fd: int) -> str:
+    def _read(self, io: RankIO, what: str, fd: int) -> str:
         """Read what is available on ``fd``: returns "data", "empty" or "eof"."""
         try:
             data = os.read(fd, 1 << 20)
@@ -157,17 +212,17 @@ class Supervisor:
         if not data:
             self._unregister(fd)
             if what != "events":
-                self._emit_lines(handle.rank, what, self._splitters[(handle.rank, what)].flush())
+                self._emit_lines(io.rank, what, io.splitters[what].flush())
             return "eof"
         if what == "events":
-            for kind, payload in self._decoders[handle.rank].feed(data):
-                self._on_message(handle, kind, payload)
+            for envelope in io.decoder.feed(data):
+                self._on_message(io, envelope)
         else:
-            self._emit_lines(handle.rank, what, self._splitters[(handle.rank, what)].feed(data))
+            self._emit_lines(io.rank, what, io.splitters[what].feed(data))
         return "data"
 
-    def _drain_fd(self, handle: WorkerHandle, what: str, fd: int) -> None:
-        while self._read(handle, what, fd) == "data":
+    def _drain_fd(self, io: RankIO, what: str, fd: int) -> None:
+        while self._read(io, what, fd) == "data":
             pass
 
     def _unregister(self, fd: int) -> None:
@@ -176,112 +231,118 @@ class Supervisor:
         except (KeyError, ValueError):
             pass
 
-    def _emit_lines(self, rank: int, stream: str, lines: list, activity: bool = True) -> None:
-        if lines and activity and self.stall is not None:
-            self.stall.active(rank, self.clock())
-        if lines:
-            self.state.apply(Output(rank, stream, tuple(lines), self.clock()))
-            self.view.output(rank, stream, lines)
-
-    def _on_message(self, handle: WorkerHandle, kind: str, payload: Any) -> None:
-        now = self.clock()
-        if self.stall is not None:
-            self.stall.active(handle.rank, now, ready=kind == ch.READY)
-        if kind == ch.HEARTBEAT:
+    def _emit_lines(self, rank: int, stream: str, lines: list) -> None:
+        if not lines:
             return
-        if kind == ch.READY:
-            self.state.apply(Ready(handle.rank, now))
-        elif kind == ch.METRICS:
-            self.state.apply(Metrics(handle.rank, payload.get("step"), payload["values"], now))
-        elif kind == ch.PROGRESS:
-            self.state.apply(Progress(handle.rank, payload["n"], payload.get("total"),
-                                      payload.get("desc"), payload.get("depth", 0), now))
-        elif kind == ch.RESULT:
-            if payload.get("value") is not None:
-                self.outcome.results[handle.rank] = (payload["value"], payload["pickler"])
-            else:
-                self.outcome.results.setdefault(handle.rank, None)
-        elif kind == ch.ERROR:
-            self._errors[handle.rank] = payload
-            self._record_failure(handle, exitcode=None)
+        if self.stall is not None:
+            self.stall.active(rank, self.clock())
+        self.state.apply(Output(rank, stream, tuple(lines), self.clock()))
+        self.view.output(rank, stream, lines)
+
+    def _on_message(self, io: RankIO, envelope: ch.Envelope) -> None:
+        now, message, rank = self.clock(), envelope.message, io.rank
+        if isinstance(message, ch.RankReady):
+            io.ready = True
+        if envelope.task_id not in (0, self.task_id):
+            return  # a late message of a task that already ended (e.g. after an Interrupt)
+        if self.stall is not None:
+            self.stall.active(rank, now, ready=isinstance(message, ch.RankReady))
+        if isinstance(message, ch.Heartbeat):
+            self.state.apply(Heartbeat(rank, now))
+        elif isinstance(message, ch.RankReady):
+            self.state.apply(Ready(rank, now))
+            if self.task_id == 0:
+                self.finished.add(rank)
+        elif isinstance(message, ch.Report):
+            self.state.apply(Metrics(rank, message.step, message.values, now))
+        elif isinstance(message, ch.ProgressUpdate):
+            self.state.apply(Progress(rank, message.n, message.total, message.desc, message.depth, now))
+        elif isinstance(message, ch.TaskDone):
+            self.finished.add(rank)
+            self.outcome.results[rank] = None if message.value is None else (message.value, message.pickler)
+            self.state.apply(TaskEnded(rank, True, now))
+        elif isinstance(message, ch.TaskFailed):
+            self.finished.add(rank)
+            self.state.apply(TaskEnded(rank, False, now))
+            self._failure_seen(failure_from(rank, io.handle.pid, message), now)
+        for sink in self.sinks:
+            sink.on_message(rank, message)
 
     # ------------------------------------------------------------- exits and failures
-    def _on_exit(self, handle: WorkerHandle, sentinel: int) -> None:
+    def _on_exit(self, io: RankIO, sentinel: int) -> None:
         self._unregister(sentinel)
+        handle = io.handle
         signal_workers([handle], signal.SIGKILL)  # what it left behind, while its pid is still reserved
         handle.process.join(timeout=1)
         code = handle.poll()
         if code is None:
             return
-        self._drain_fd(handle, "events", handle.fds.events)  # its last words are in the pipe
-        self.state.apply(Exited(handle.rank, code, self.clock()))
-        if code != 0 or handle.rank not in self.outcome.results:
-            self._record_failure(handle, exitcode=code)
+        self._drain_fd(io, "events", handle.fds.events)  # its last words are in the pipe
+        self.state.apply(Exited(io.rank, code, self.clock()))
+        if self.persistent or io.rank not in self.finished:
+            self.outcome.died.append(io.rank)
+            self._process_ended(io, code)
+        elif code != 0 and io.rank in self._failures:
+            self._failures[io.rank].exitcode = code
 
-    def _record_failure(self, handle: WorkerHandle, exitcode: Optional[int]) -> None:
-        now = self.clock()
-        failure = self._failures.get(handle.rank)
-        if failure is None:
-            failure = self._failures[handle.rank] = Failure(rank=handle.rank, pid=handle.pid, timestamp=now)
-        if exitcode is not None:
-            failure.exitcode = exitcode
-            if exitcode == 0 and not failure.message:
-                failure.message = "the worker exited before its function returned (os._exit(0)?)"
-        error = self._errors.get(handle.rank)
-        if error is not None:
-            failure.message = error["message"]
-            failure.traceback = error["traceback"]
-            failure.exc_type = error["exc_type"]
-            failure.secondary = error["secondary"]
-            failure.timestamp = error["t"]
-            failure.exception = _unpickle_exception(error.get("exception"))
-        self._failure_seen(failure, now)
+    def _process_ended(self, io: RankIO, code: int) -> None:
+        failure = self._failures.get(io.rank)
+        if failure is not None:
+            if failure.exitcode is None:
+                failure.exitcode = code
+            return
+        message = ("the worker exited before its function returned (os._exit(0)?)" if code == 0 else "")
+        self._failure_seen(Failure(rank=io.rank, pid=io.handle.pid, exitcode=code, message=message,
+                                   timestamp=self.clock()), self.clock())
 
     def _failure_seen(self, failure: Failure, now: float) -> None:
-        """A real failure decides the run almost at once; a "lost my peer" error waits a
-        moment longer for the failure that caused it."""
-        decide_at = now + (FAILURE_WINDOW if failure.secondary else PRIMARY_WINDOW)
+        """A real failure decides a one-shot call almost at once; a "lost my peer" error
+        waits a moment longer for the failure that caused it; a session's ranks get
+        `PEER_GRACE` to end the task themselves."""
+        self._failures.setdefault(failure.rank, failure)
+        window = FAILURE_WINDOW if failure.secondary else PRIMARY_WINDOW
+        if self.persistent:
+            window = max(window, PEER_GRACE)
+        decide_at = now + window
         self._decide_at = decide_at if self._decide_at is None else min(self._decide_at, decide_at)
 
     def _check_stalls(self) -> None:
-        live = {h.rank: h for h in self.handles if h.exitcode is None}
+        live = {r: io.handle for r, io in self.ranks.items() if r not in self.finished and io.handle.exitcode is None}
         stuck = self.stall.stuck(self.clock(), set(live))
         if not stuck or self._decide_at is not None:
             return
         stacks = {rank: self.stall.dump(rank, live[rank].pid) for rank in stuck}
-        report = self.stall.describe(stuck, stacks)
+        for rank in stuck:
+            self.state.apply(Stalled(rank, self.stall.timeout, stacks[rank], self.clock()))
+            self.view.stalled(rank, self.stall.timeout, stacks[rank])
         if self.stall.on_stall == "raise":
             rank = likely_culprit(stuck, stacks)
-            failure = self._failures[rank] = Failure(
-                rank=rank, pid=live[rank].pid, timestamp=self.clock(), traceback=report,
+            failure = Failure(
+                rank=rank, pid=live[rank].pid, timestamp=self.clock(), traceback=self.stall.describe(stuck, stacks),
                 message=f"no progress for {self.stall.timeout:g}s (stall_timeout) on "
                         + ", ".join(f"rank {r}" for r in stuck) + "; their stacks show where",
             )
-            self._failure_seen(failure, failure.timestamp)
-        else:
-            for rank in stuck:
-                header = f"no progress for {self.stall.timeout:g}s (stall_timeout); its stacks, most recent call first:"
-                self._emit_lines(rank, "stderr", [header, *stacks[rank].splitlines()], activity=False)
+            self._failures[rank] = failure
+            self._decide_at = self.clock()
 
     def _drain(self) -> None:
-        """Collect what exited workers left in their pipes (their last output lines)."""
-        for h in self.handles:
-            for what, fd in (("stdout", h.fds.stdout), ("stderr", h.fds.stderr), ("events", h.fds.events)):
-                if fd in self._selector.get_map() and h.exitcode is not None:
-                    self._drain_fd(h, what, fd)
-        for (rank, stream), splitter in self._splitters.items():
-            self._emit_lines(rank, stream, splitter.flush())
+        """Collect what is already in the pipes (the last output lines of the call)."""
+        registered = self._selector.get_map()
+        for io in self.ranks.values():
+            for what, fd in io.fds().items():
+                if registered is not None and fd in registered:
+                    self._drain_fd(io, what, fd)
+            if io.handle.exitcode is not None or not self.persistent:
+                for stream, splitter in io.splitters.items():
+                    self._emit_lines(io.rank, stream, splitter.flush())
 
-    def _conclude(self) -> None:
+    def conclude(self) -> Outcome:
         failures = list(self._failures.values())
-        missing = [r for r in self.expect_result if r not in self.outcome.results]
-        if not failures and missing:
-            handle = next(h for h in self.handles if h.rank == missing[0])
-            failures = [Failure(rank=handle.rank, pid=handle.pid, exitcode=handle.exitcode,
-                                message="the worker ended without sending its result", timestamp=self.clock())]
+        self.outcome.unfinished = sorted(self._unfinished())
         if failures:
             self.outcome.failures = failures
             self.outcome.root = pick_root_cause(failures)
+        return self.outcome
 
 
 def likely_culprit(stuck: list, stacks: dict) -> int:
@@ -298,18 +359,6 @@ def likely_culprit(stuck: list, stacks: dict) -> int:
 def pick_root_cause(failures: list) -> Failure:
     """The failure that caused the others: real errors before "lost my peer" errors, then earliest."""
     return min(failures, key=lambda f: (f.secondary, f.timestamp, f.rank))
-
-
-def _unpickle_exception(blob: Optional[bytes]) -> Optional[BaseException]:
-    if not blob:
-        return None
-    import pickle
-
-    try:
-        exc = pickle.loads(blob)
-    except Exception:
-        return None
-    return exc if isinstance(exc, BaseException) else None
 
 
 class StallWatch:

@@ -50,7 +50,7 @@ def report(step: Optional[int] = None, **metrics) -> None:
         values = {name: _number(name, value) for name, value in metrics.items()}
     else:
         values = _NO_VALUES
-    ctx.channel.post(ch.METRICS, {"step": step, "values": values, "t": time.monotonic()})
+    ctx.channel.post(ch.Report(step, values, time.monotonic()))
 
 
 def _number(name: str, value):
@@ -119,15 +119,15 @@ def progress(iterable: Iterable[T], total: Optional[int] = None, desc: Optional[
     depth, _depth = _depth, _depth + 1
     post, n, last = ctx.channel.post, 0, 0.0
     try:
-        post(ch.PROGRESS, {"n": 0, "total": total, "desc": desc, "depth": depth, "t": time.monotonic()})
+        post(ch.ProgressUpdate(0, total, desc, depth, time.monotonic()))
         for item in iterable:
             yield item
             n += 1
             now = time.monotonic()
             if now - last >= PROGRESS_INTERVAL or n == total:
-                post(ch.PROGRESS, {"n": n, "total": total, "desc": desc, "depth": depth, "t": now})
+                post(ch.ProgressUpdate(n, total, desc, depth, now))
                 last = now
     finally:
         _depth = depth
         if n != total:
-            post(ch.PROGRESS, {"n": n, "total": total, "desc": desc, "depth": depth, "t": time.monotonic()})
+            post(ch.ProgressUpdate(n, total, desc, depth, time.monotonic()))

@@ -28,9 +28,8 @@ import weakref
 from typing import Any, Optional
 
 from . import environment
-from .errors import WorkerError
-from .launcher import Attempt, start_attempt, supervise
-from .state import RunState, format_duration, summary_line
+from .launcher import Attempt, RunStopped, launch, start_attempt
+from .state import RunState, RunStatus, format_duration, summary_line
 from .ui import make_view, resolve_display
 from .ui.base import View
 
@@ -38,21 +37,12 @@ STOP_TIMEOUT = 30.0     # seconds `stop` waits for the teardown by default
 POLL = 0.2              # seconds between checks while waiting (keeps the wait interruptible)
 
 
-class RunStopped(KeyboardInterrupt):
-    """Raised in the supervisor's thread to end a run that `Run.stop` asked to stop.
-
-    A ``KeyboardInterrupt`` so that it unwinds exactly like an Interrupt does (teardown
-    in the launcher's ``finally``); ``status`` names the end it leads to.
-    """
-
-    status = "stopped"
-
-
 class Run:
     """A launch running in the background.
 
     Attributes:
-        status: "starting", "running", then "succeeded", "failed" or "stopped".
+        status: a `RunStatus`: "starting", "running", then "succeeded", "failed",
+            "interrupted" or "stopped" (read from the current attempt's state).
         state: the live `RunState` (steps, metrics, ranks) of the current attempt.
 
     Example::
@@ -72,7 +62,6 @@ class Run:
         self._display = resolve_display(config.display)
         self._stop = threading.Event()
         self._done = threading.Event()
-        self._status = "starting"
         self._value: Any = None
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
@@ -85,7 +74,7 @@ class Run:
         """Start the workers here and supervise them in a background thread."""
         run = cls(config, title)
         run._frame = _make_frame(run._display, run._parent)
-        attempt = start_attempt(config, run._new_view(), 0)
+        attempt = start_attempt(config, run._new_view(0), 0)
         run.state = attempt.state
         run._thread = threading.Thread(target=run._main, args=(attempt,), name="notebook_launcher-run", daemon=True)
         _live.add(run)
@@ -97,50 +86,39 @@ class Run:
             raise
         return run
 
-    def _new_view(self) -> View:
-        view = make_view(self._display, self.config.line_prefix, self.title,
-                         host=self._frame if self._display == "widgets" else None)
-        self.view = _Stoppable(view, self._stop)
+    def _new_view(self, attempt: int) -> View:
+        self.view = make_view(self._display, self.config.line_prefix, self.title,
+                              host=self._frame if self._display == "widgets" else None)
         self.view.open()
         return self.view
 
     # ------------------------------------------------------------- the background thread
     def _main(self, attempt: Attempt) -> None:
         tokens = _set_thread_parent(self._parent)
-        number = attempt.state.attempt
         try:
-            while True:
-                try:
-                    self._value = supervise(attempt)
-                    self._status = "succeeded"
-                    return
-                except WorkerError as error:
-                    if number >= self.config.max_restarts or self._stop.is_set():
-                        self._error, self._status = error, "failed"
-                        return
-                    number += 1
-                    print(f"rank {error.rank} failed ({error.root.summary()}); restart {number} of "
-                          f"{self.config.max_restarts}", file=sys.stderr)
-                    # Started from this thread, which outlives these workers (it reaps them).
-                    attempt = start_attempt(self.config, self._new_view(), number)
-                    self.state = attempt.state
-        except RunStopped:
-            self._status = "stopped"
-        except KeyboardInterrupt:
-            self._status = "interrupted"
-        except BaseException as exc:  # a bug of ours: still a clear end, still reaped (supervise's finally)
-            self._error, self._status = exc, "failed"
+            # Restarts start workers from this thread, which outlives them (it reaps them).
+            self._value = launch(self.config, self._new_view, first=attempt, stop=self._stop,
+                                 on_attempt=self._follow)
+        except (RunStopped, KeyboardInterrupt):
+            pass  # the state says how it ended
+        except BaseException as exc:  # WorkerError, or a bug of ours: still a clear end, still reaped
+            self._error = exc
         finally:
             _live.discard(self)
             self._done.set()
             _reset_thread_parent(tokens)
 
+    def _follow(self, attempt: Attempt) -> None:
+        self.state = attempt.state
+
     # ------------------------------------------------------------- the handle
     @property
-    def status(self) -> str:
-        if self._done.is_set():
-            return self._status
-        return self.state.status if self.state is not None and self.state.status == "running" else "starting"
+    def status(self) -> RunStatus:
+        if self.state is None:
+            return RunStatus.STARTING
+        if self._done.is_set() and not self.state.finished:
+            return RunStatus.FAILED  # ended by a bug of ours before its state did
+        return self.state.status
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -176,8 +154,8 @@ class Run:
             raise TimeoutError(f"the run is still {self.status} after {timeout} s")
         if self._error is not None:
             raise self._error
-        if self._status != "succeeded":
-            raise RuntimeError(f"the run was {self._status} before it finished; it has no result")
+        if self.status != RunStatus.SUCCEEDED:
+            raise RuntimeError(f"the run was {self.status} before it finished; it has no result")
         return self._value
 
     @property
@@ -227,36 +205,6 @@ class Run:
 
     def summary_line(self) -> str:
         return summary_line(self.state) if self.state is not None else repr(self)
-
-
-class _Stoppable(View):
-    """Wraps the real view; its ``refresh`` (called every tick by the supervisor) is where
-    a stop request becomes `RunStopped` in the supervisor's own thread."""
-
-    def __init__(self, view: View, stop: threading.Event) -> None:
-        self.inner = view
-        self._stop = stop
-        self.title = view.title
-
-    def prefix(self, rank: int) -> str:
-        return self.inner.prefix(rank)
-
-    def open(self) -> None:
-        self.inner.open()
-
-    def start(self, state: RunState) -> None:
-        self.inner.start(state)
-
-    def output(self, rank: int, stream: str, lines: list) -> None:
-        self.inner.output(rank, stream, lines)
-
-    def refresh(self, state: RunState) -> None:
-        if self._stop.is_set():
-            raise RunStopped()
-        self.inner.refresh(state)
-
-    def finish(self, state: RunState) -> None:
-        self.inner.finish(state)
 
 
 # ----------------------------------------------------------------- the kernel side

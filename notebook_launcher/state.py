@@ -12,11 +12,65 @@ of samples for its rate.
 from __future__ import annotations
 
 import collections
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .errors import Failure
+
+
+# ----------------------------------------------------------------- statuses
+class Status(str, enum.Enum):
+    """A status that is also its plain string ("running" == RunStatus.RUNNING), so views
+    and messages can print it as is."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class RunStatus(Status):
+    """Where one call (a launch attempt, a ``session.run``, a ``%%dist`` cell) is::
+
+        STARTING --first rank ready--> RUNNING --+--> SUCCEEDED    every rank finished the task
+                                                 +--> FAILED       a rank raised, died or stalled (on_stall="raise")
+                                                 +--> INTERRUPTED  the person pressed Interrupt
+                                                 +--> STOPPED      `Run.stop` / a stop request
+    The last four are final.
+    """
+
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    STOPPED = "stopped"
+
+    @property
+    def final(self) -> bool:
+        return self not in (RunStatus.STARTING, RunStatus.RUNNING)
+
+
+class RankStatus(Status):
+    """One rank during a call::
+
+        STARTING --ready--> RUNNING --task returned--> DONE
+                              |  ^---any sign of life---+
+                              +--no sign of life for stall_timeout--> STUCK
+        any live state --task raised or process died--> FAILED
+        any live state --the call ended without it--> STOPPED
+    """
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STUCK = "stuck"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+_LIVE_RANK = (RankStatus.STARTING, RankStatus.RUNNING, RankStatus.STUCK)
+
 
 # ----------------------------------------------------------------- events
 @dataclass(frozen=True)
@@ -28,6 +82,33 @@ class Started:
 @dataclass(frozen=True)
 class Ready:
     rank: int
+    t: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The rank's main thread moved: it is alive and not stuck."""
+
+    rank: int
+    t: float
+
+
+@dataclass(frozen=True)
+class Stalled:
+    """No sign of life from the rank for ``seconds``; ``stacks`` show where it is."""
+
+    rank: int
+    seconds: float
+    stacks: str
+    t: float
+
+
+@dataclass(frozen=True)
+class TaskEnded:
+    """The rank finished the call's task: returned (``ok``) or raised."""
+
+    rank: int
+    ok: bool
     t: float
 
 
@@ -66,12 +147,12 @@ class Exited:
 
 @dataclass(frozen=True)
 class Finished:
-    status: str  # "succeeded" | "failed" | "interrupted" | "stopped"
+    status: RunStatus  # a final one
     t: float
     failure: Optional[Failure] = None
 
 
-Event = Union[Started, Ready, Metrics, Progress, Output, Exited, Finished]
+Event = Union[Started, Ready, Heartbeat, Stalled, TaskEnded, Metrics, Progress, Output, Exited, Finished]
 
 # ----------------------------------------------------------------- limits
 MAX_POINTS = 2_000    # points kept per metric series; older ones are merged pairwise
@@ -80,7 +161,6 @@ LOG_LINE_CHARS = 2_000  # a longer line is cut in the log (the worker's own outp
 RATE_WINDOW = 10.0    # seconds of progress samples the rate is measured over
 RATE_SAMPLE = 0.2     # at most one rate sample per this many seconds
 
-FINAL_STATUSES = ("succeeded", "failed", "interrupted", "stopped")
 
 
 # ----------------------------------------------------------------- parts
@@ -146,7 +226,7 @@ def _mean(values) -> float:
 @dataclass
 class RankState:
     rank: int
-    status: str = "starting"   # starting | running | done | failed | stopped
+    status: RankStatus = RankStatus.STARTING
     pid: Optional[int] = None
     step: Optional[int] = None  # last step it reported (or its outer progress position)
     last_seen: Optional[float] = None
@@ -214,7 +294,7 @@ class RunState:
     device: str = ""
     start_method: str = ""
     attempt: int = 0
-    status: str = "starting"   # starting | running | succeeded | failed | interrupted | stopped
+    status: RunStatus = RunStatus.STARTING
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
     now: Optional[float] = None
@@ -227,6 +307,7 @@ class RunState:
     reports_seen: int = 0
     last_step: Optional[int] = None                    # lead rank's last metric step
     failure: Optional[Failure] = None
+    stalls: dict = field(default_factory=dict)         # rank -> stacks of its last stall
     version: int = 0                                   # bumped on every change; views compare it
     metrics_version: int = 0                           # bumped when a series changes
     log_version: int = 0                               # bumped when lines arrive
@@ -243,7 +324,7 @@ class RunState:
 
     @property
     def finished(self) -> bool:
-        return self.status in FINAL_STATUSES
+        return RunStatus(self.status).final
 
     @property
     def elapsed(self) -> float:
@@ -290,8 +371,11 @@ class RunState:
         handler(event)
 
     def _seen(self, rank: int, t: float) -> RankState:
+        """Any sign of life: "last seen" moves, and a rank marked stuck is running again."""
         state = self.ranks.setdefault(rank, RankState(rank))
         state.last_seen = t
+        if state.status == RankStatus.STUCK:
+            state.status = RankStatus.RUNNING
         return state
 
     def _on_started(self, event: Started) -> None:
@@ -300,9 +384,29 @@ class RunState:
             self._seen(rank, event.t).pid = pid
 
     def _on_ready(self, event: Ready) -> None:
-        self._seen(event.rank, event.t).status = "running"
-        if self.status == "starting":
-            self.status = "running"
+        state = self._seen(event.rank, event.t)
+        if state.status == RankStatus.STARTING:
+            state.status = RankStatus.RUNNING
+        if self.status == RunStatus.STARTING:
+            self.status = RunStatus.RUNNING
+
+    def _on_heartbeat(self, event: Heartbeat) -> None:
+        self._seen(event.rank, event.t)
+
+    def _on_stalled(self, event: Stalled) -> None:
+        state = self.ranks.setdefault(event.rank, RankState(event.rank))
+        if state.status in _LIVE_RANK:
+            state.status = RankStatus.STUCK
+        self.stalls[event.rank] = event.stacks
+        header = f"no progress for {event.seconds:g}s (stall_timeout); its stacks, most recent call first:"
+        for line in [header, *event.stacks.splitlines()][-LOG_LINES:]:
+            self.log.append((event.rank, "stderr", line))
+        self.log_version += 1
+
+    def _on_taskended(self, event: TaskEnded) -> None:
+        state = self.ranks.setdefault(event.rank, RankState(event.rank))
+        state.last_seen = event.t
+        state.status = RankStatus.DONE if event.ok else RankStatus.FAILED
 
     def _on_metrics(self, event: Metrics) -> None:
         state = self._seen(event.rank, event.t)
@@ -350,18 +454,20 @@ class RunState:
     def _on_exited(self, event: Exited) -> None:
         state = self.ranks.setdefault(event.rank, RankState(event.rank))
         state.exitcode = event.exitcode
-        if state.status not in ("failed",):
-            state.status = "done" if event.exitcode == 0 else "failed"
+        if event.exitcode != 0:
+            state.status = RankStatus.FAILED
+        elif state.status in _LIVE_RANK:
+            state.status = RankStatus.DONE
 
     def _on_finished(self, event: Finished) -> None:
-        self.status = event.status
+        self.status = RunStatus(event.status)
         self.ended_at = event.t
         self.failure = event.failure
         if event.failure is not None:
-            self.ranks.setdefault(event.failure.rank, RankState(event.failure.rank)).status = "failed"
+            self.ranks.setdefault(event.failure.rank, RankState(event.failure.rank)).status = RankStatus.FAILED
         for state in self.ranks.values():
-            if state.status in ("starting", "running"):
-                state.status = "stopped"
+            if state.status in _LIVE_RANK:
+                state.status = RankStatus.STOPPED
 
 
 # ----------------------------------------------------------------- text helpers

@@ -16,29 +16,32 @@ from notebook_launcher.serialization import dumps_result, loads_result
 
 
 def test_frames_survive_any_chunking():
-    messages = [(ch.METRICS, {"step": i, "values": {"loss": i / 3}}) for i in range(50)]
-    messages.append((ch.RESULT, {"value": os.urandom(300_000), "pickler": "pickle"}))
-    stream = b"".join(ch.encode(kind, payload) for kind, payload in messages)
+    envelopes = [ch.Envelope(1, ch.Report(i, {"loss": i / 3}, float(i))) for i in range(50)]
+    envelopes.append(ch.Envelope(1, ch.TaskDone(os.urandom(300_000), "pickle")))
+    stream = b"".join(ch.encode(envelope) for envelope in envelopes)
     rng = random.Random(0)
     decoder, got, pos = ch.FrameDecoder(), [], 0
     while pos < len(stream):
         step = rng.choice([1, 7, 8, 9, 4096, 70_000])
         got.extend(decoder.feed(stream[pos:pos + step]))
         pos += step
-    assert got == messages and decoder.pending_bytes == 0
+    assert got == envelopes and decoder.pending_bytes == 0
 
 
 def test_posted_batches_unfold_into_messages():
-    batch = ch.encode(ch.BATCH, [(ch.METRICS, {"a": 1}), (ch.PROGRESS, {"n": 2})])
-    assert list(ch.FrameDecoder().feed(batch)) == [(ch.METRICS, {"a": 1}), (ch.PROGRESS, {"n": 2})]
+    inside = [ch.Envelope(2, ch.Report(None, {"a": 1.0}, 0.0)), ch.Envelope(2, ch.ProgressUpdate(2, 10, None, 0, 0.0))]
+    assert list(ch.FrameDecoder().feed(ch.encode(ch.Batch(inside)))) == inside
 
 
-def test_worker_channel_delivers_posted_then_sent_in_order():
+def test_worker_channel_stamps_the_task_and_keeps_posted_then_sent_in_order():
     read_fd, write_fd = os.pipe()
     channel = ch.WorkerChannel(write_fd)
+    channel.task_id = 7
     for i in range(100):
-        channel.post(ch.METRICS, {"step": i})
-    channel.send(ch.RESULT, {"value": None})
+        channel.post(ch.Report(i, {}, 0.0))
+    channel.send(ch.TaskDone())
+    channel.task_id = 8
+    channel.send(ch.Heartbeat(1.0))
     channel.close()
     os.close(write_fd)
     data = b""
@@ -46,8 +49,9 @@ def test_worker_channel_delivers_posted_then_sent_in_order():
         data += chunk
     os.close(read_fd)
     got = list(ch.FrameDecoder().feed(data))
-    assert [p["step"] for k, p in got if k == ch.METRICS] == list(range(100))
-    assert got[-1] == (ch.RESULT, {"value": None})
+    assert [e.message.step for e in got if isinstance(e.message, ch.Report)] == list(range(100))
+    assert got[-2:] == [ch.Envelope(7, ch.TaskDone()), ch.Envelope(8, ch.Heartbeat(1.0))]
+    assert {e.task_id for e in got[:-1]} == {7}
 
 
 def test_line_splitter_keeps_whole_lines_and_collapses_carriage_returns():

@@ -48,6 +48,12 @@ class View:
         """Whole lines a worker wrote to its stdout or stderr."""
         self.write(stream, "".join(f"{self.prefix(rank)}{line}\n" for line in lines))
 
+    def stalled(self, rank: int, seconds: float, stacks: str) -> None:
+        """A rank showed no sign of life for ``seconds``: show where it is (its stacks are
+        also in ``state.stalls`` and the log)."""
+        header = f"no progress for {seconds:g}s (stall_timeout); its stacks, most recent call first:"
+        self.output(rank, "stderr", [header, *stacks.splitlines()])
+
     def refresh(self, state: RunState) -> None:
         """Called often (every event batch and every tick); throttle in the view."""
 

@@ -6,8 +6,11 @@ Order matters and each step says why:
    parent-death signal, and the same signal for anything the worker forks later.
 2. own the file descriptors: close the parent's ends, put our pipes on fds 1 and 2 (so
    C-level output from gloo/NCCL is captured), stdin from /dev/null.
-3. watch the parent: a thread blocks on the control pipe; EOF means the parent is gone.
-4. environment, threads, device, process group; then the task; then the result.
+3. watch the parent: a thread reads the control pipe (task requests); EOF means the
+   parent is gone.
+4. environment, threads, device, process group; then tasks, each with its value or its
+   error: one task for a one-shot launch, tasks until `Shutdown` for a session. A task's
+   exception is that task's error; the worker lives on (loky's worker loop is the model).
 5. `os._exit`: a forked copy of a Jupyter kernel must never run the kernel's atexit hooks.
 """
 
@@ -17,6 +20,7 @@ import ctypes
 import io
 import linecache
 import os
+import queue
 import re
 import signal
 import sys
@@ -41,15 +45,6 @@ _SECONDARY_ERROR = re.compile(
     r"|remote process exited|NCCL communicator.*abort|Connection closed|peer.*(?:closed|disconnect)",
     re.IGNORECASE,
 )
-
-
-@dataclass
-class Task:
-    """One call of the user's function."""
-
-    function: Callable
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -88,10 +83,12 @@ class WorkerSpec:
     env: dict
     fds: InheritedFds
     parent_pid: int
-    send_result: bool
+    persistent: bool = False        # a session: keep taking tasks; else exit after the first
     close_fds: tuple = ()           # parent-side fds a forked child inherited and must close
-    task: Optional[Task] = None     # fork: the task itself, never pickled
-    task_blob: Optional[bytes] = None  # spawn: the task pickled with dill
+    first_task: Optional[Any] = None   # fork: a `tasks.Call` inherited as is, never pickled
+    first_request: Optional[ch.TaskRequest] = None  # spawn: the first task, pickled
+    first_task_id: int = 1
+    send_result: bool = False       # the first task's value is wanted from this rank
     notebook_sources: dict = field(default_factory=dict)  # spawn: linecache entries of notebook cells
     stack_file: Optional[str] = None       # where faulthandler dumps this worker's stacks on SIGUSR1
     rdzv_timeout: Optional[float] = None   # multi-node: how long to wait for every rank to arrive
@@ -104,10 +101,10 @@ def worker_main(spec: WorkerSpec) -> None:
         _isolate(spec.parent_pid)
         _own_descriptors(spec)
         channel = ch.WorkerChannel(spec.fds.events)
-        _watch_parent(spec.fds.control)
+        requests = _read_control(spec.fds.control)
         if spec.stack_file:
             register_dump_handler(spec.stack_file)
-        code = _serve(spec, channel)
+        code = _serve(spec, channel, requests)
     finally:
         _flush_std_streams()
         os._exit(code)
@@ -170,22 +167,30 @@ def _line_stream(fd: int) -> io.TextIOWrapper:
                             line_buffering=True, write_through=False)
 
 
-def _watch_parent(control_fd: int) -> None:
-    def watch() -> None:
+def _read_control(control_fd: int) -> "queue.SimpleQueue":
+    """A thread reads task requests from the control pipe into a queue; EOF means the
+    parent is gone, and takes down this worker and everything it forked."""
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        decoder = ch.FrameDecoder()
         while True:
             try:
-                data = os.read(control_fd, 4096)
+                data = os.read(control_fd, 1 << 16)
             except InterruptedError:
                 continue
             except OSError:
                 data = b""
-            if not data:  # EOF: the parent is gone; take down this worker and its children
+            if not data:
                 _flush_std_streams()
                 if os.getpgrp() == os.getpid():
                     os.killpg(0, signal.SIGKILL)
                 os.kill(os.getpid(), signal.SIGKILL)
+            for envelope in decoder.feed(data):
+                requests.put(envelope)
 
-    threading.Thread(target=watch, name="notebook_launcher-watchdog", daemon=True).start()
+    threading.Thread(target=read, name="notebook_launcher-watchdog", daemon=True).start()
+    return requests
 
 
 def _start_heartbeat(channel: ch.WorkerChannel) -> None:
@@ -200,7 +205,7 @@ def _start_heartbeat(channel: ch.WorkerChannel) -> None:
             frame = sys._current_frames().get(main)
             where = _stack_signature(frame)
             if where != last:
-                channel.post(ch.HEARTBEAT, {"t": time.monotonic()})
+                channel.post(ch.Heartbeat(time.monotonic()))
                 last = where
 
     threading.Thread(target=beat, name="notebook_launcher-heartbeat", daemon=True).start()
@@ -222,51 +227,81 @@ def _flush_std_streams() -> None:
             pass
 
 
-# ----------------------------------------------------------------- the task
-def _serve(spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
-    """Set the worker up once, then run tasks; returns the process exit code.
-
-    A one-shot launch has exactly one task. The loop is the seam for a persistent
-    session, where later tasks would arrive on the control pipe.
-    """
+# ----------------------------------------------------------------- the tasks
+def _serve(spec: WorkerSpec, channel: ch.WorkerChannel, requests) -> int:
+    """Set the worker up once, then run tasks; returns the process exit code."""
     try:
         _prepare(spec, channel)
-        channel.send(ch.READY, {"pid": os.getpid(), "backend": spec.backend, "device": spec.device})
+        channel.send(ch.RankReady(os.getpid(), spec.backend, spec.device))
         _start_heartbeat(channel)
     except BaseException as exc:
         _report_error(channel, exc)
         return 1
-    for task in _tasks(spec):
-        code = _run_task(spec, channel, task)
-        if code != 0:
+    namespace = _rank_namespace(spec)
+    for task_id, task, send_value in _tasks(spec, requests):
+        channel.task_id = task_id
+        code = _run_task(spec, channel, task, send_value, namespace)
+        channel.task_id = 0
+        if not spec.persistent:
+            if code == 0:
+                _destroy_process_group()
+                channel.close()
             return code
     _destroy_process_group()
     channel.close()
     return 0
 
 
-def _tasks(spec: WorkerSpec):
-    """Tasks to run: a `Task` (fork) or its dill bytes (spawn), unpickled by `_run_task`."""
-    yield spec.task if spec.task is not None else spec.task_blob
+def _tasks(spec: WorkerSpec, requests):
+    """(task_id, task or TaskRequest, send_value): the first task, then requests until
+    `Shutdown`. An Interrupt that reaches an idle worker is ignored (the task it was
+    meant for has already ended)."""
+    if spec.first_task is not None or spec.first_request is not None:
+        yield spec.first_task_id, spec.first_task or spec.first_request, spec.send_result
+    while spec.persistent:
+        try:
+            envelope = requests.get()
+        except KeyboardInterrupt:
+            continue
+        if isinstance(envelope.message, ch.Shutdown):
+            return
+        yield envelope.task_id, envelope.message, envelope.message.send_value
 
 
-def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task) -> int:
-    """Call the function, then send its value (or its error); returns an exit code."""
+def _rank_namespace(spec: WorkerSpec) -> dict:
+    """The names a ``%%dist`` cell starts with (nbdistributed and ipyparallel users expect
+    these): who this rank is, torch and its distributed module, and our reporting."""
+    import torch
+    import torch.distributed as dist
+
+    from ..reporting import progress, report
+
+    return {"__name__": "__main__", "__builtins__": __builtins__, "rank": spec.rank,
+            "local_rank": spec.local_rank, "world_size": spec.world_size,
+            "device": torch.device(spec.device), "torch": torch, "dist": dist,
+            "report": report, "progress": progress}
+
+
+def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task, send_value: bool, namespace: dict) -> int:
+    """Run one task, then send its value (or its error); returns an exit code for a one-shot worker."""
     try:
-        if isinstance(task, bytes):
-            task = loads_task(task)
-        value = task.function(*task.args, **task.kwargs)
+        if isinstance(task, ch.TaskRequest):
+            linecache.cache.update(task.sources)
+            task = loads_task(task.blob)
+        value = task.run(namespace)
     except SystemExit as exc:
         if exc.code not in (None, 0):
-            _report_error(channel, exc)
-            return exc.code if isinstance(exc.code, int) else 1
+            code = exc.code if isinstance(exc.code, int) else 1
+            _report_error(channel, exc, exitcode=code)
+            return code
         value = None  # sys.exit(0) in the function is a normal end
     except BaseException as exc:
         _report_error(channel, exc)
         return 1
     try:
-        _finish_together()
-        _send_result(spec, channel, value)
+        if not spec.persistent:
+            _finish_together()
+        _send_result(spec, channel, value, send_value)
     except BaseException as exc:
         _report_error(channel, exc)
         return 1
@@ -274,6 +309,9 @@ def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task) -> int:
 
 
 def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> None:
+    # The parent forwards an Interrupt as SIGINT: it must raise KeyboardInterrupt in the
+    # task (ipykernel may have left SIGINT ignored in the process we were forked from).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.update(spec.env)
     import torch
 
@@ -347,9 +385,9 @@ def _destroy_process_group() -> None:
         pass
 
 
-def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any) -> None:
-    if not spec.send_result:
-        channel.send(ch.RESULT, {"value": None, "pickler": None})
+def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any, send_value: bool) -> None:
+    if not send_value:
+        channel.send(ch.TaskDone())
         return
     try:
         blob, pickler = dumps_result(value)
@@ -358,23 +396,20 @@ def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any) -> Non
             f"rank {spec.rank}'s return value ({type(value).__name__}) could not be pickled: {exc}. "
             "Return plain data (numbers, lists, dicts, tensors, a state_dict) instead."
         ) from None
-    channel.send(ch.RESULT, {"value": blob, "pickler": pickler})
+    channel.send(ch.TaskDone(blob, pickler))
 
 
-def _report_error(channel: ch.WorkerChannel, exc: BaseException) -> None:
+def _report_error(channel: ch.WorkerChannel, exc: BaseException, exitcode: Optional[int] = None) -> None:
     when = time.monotonic()
     text = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    payload = {
-        "message": message.splitlines()[0] if message else type(exc).__name__,
-        "traceback": text,
-        "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "exception": _pickled_exception(exc),
-        "secondary": _lost_a_peer(exc),
-        "t": when,
-    }
+    failed = ch.TaskFailed(
+        message=message.splitlines()[0] if message else type(exc).__name__, traceback=text,
+        exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}", exception=_pickled_exception(exc),
+        secondary=_lost_a_peer(exc), t=when, exitcode=exitcode,
+    )
     try:
-        channel.send(ch.ERROR, payload)
+        channel.send(failed)
     except OSError:
         pass  # parent gone
 
@@ -385,9 +420,12 @@ def _lost_a_peer(exc: BaseException) -> bool:
     return distributed and bool(_SECONDARY_ERROR.search(str(exc)))
 
 
+_OUR_FRAMES = (__file__, os.path.join(os.path.dirname(__file__), "tasks.py"))
+
+
 def _user_frames(tb):
-    """Drop this module's frames from the top of a traceback."""
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    """Drop our own frames (this loop, the task wrappers) from the top of a traceback."""
+    while tb is not None and tb.tb_frame.f_code.co_filename in _OUR_FRAMES:
         tb = tb.tb_next
     return tb
 

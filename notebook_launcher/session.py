@@ -1,0 +1,351 @@
+"""Sessions: ranks that stay alive across cells.
+
+A `Session` owns the long-lived things (rank processes, the rendezvous store, the
+stack-dump files, the process group inside each rank); each call on it (`Session.run`,
+`Session.execute`, `pull`, `push`, a ``%%dist`` cell) is a short-lived task with its own
+`RunState`, view and outcome. A call ends when every rank it ran on sent the value or the
+error of THAT task. The ranks are started and stopped only through `launcher.start_ranks`
+and `launcher.teardown`; the one-shot `notebook_launcher` uses the same ranks, worker loop,
+channel and supervisor, with ranks that exit after their one task.
+
+Failure semantics (the README's "Interactive sessions" says the same to users):
+- a task raises on some rank: the call raises `WorkerError` naming the rank that failed
+  first; if every other rank ends the task within `monitor.PEER_GRACE`, the session stays
+  usable, with every rank's variables kept for inspection;
+- a rank dies, or ranks stay stuck (in a collective the failed rank never joined): the
+  session is BROKEN and its ranks are stopped; the next call says so in one line,
+  starts fresh ranks, then runs;
+- Interrupt: forwarded to every rank as KeyboardInterrupt; ranks that leave the task
+  within `INTERRUPT_GRACE` keep the session alive, the others are killed and the session is
+  BROKEN. The cell gets KeyboardInterrupt within 2 seconds either way;
+- an idle session is never watched for stalls; a killed kernel takes every rank with it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+import time
+import weakref
+from typing import Any, Optional
+
+from . import channel as ch
+from .config import LaunchConfig, resolve
+from .errors import LaunchConfigError, WorkerError
+from .launcher import Ranks, collect, finish_view, interrupts_deferred, notebook_sources, start_ranks, teardown
+from .monitor import Supervisor
+from .serialization import dumps_task
+from .state import RunState, RunStatus, Status
+from .ui import make_view, resolve_display
+from .ui.base import View
+from .workers import tasks
+
+INTERRUPT_GRACE = 1.5   # seconds ranks get to leave a task after an Interrupt (the cell promises 2 s)
+START_TIMEOUT = 300.0   # seconds for every rank to form the process group
+CLOSE_GRACE = 5.0       # seconds ranks get to shut down by themselves (NCCL teardown) on close
+
+
+class SessionStatus(Status):
+    """A session's life::
+
+        STARTING --every rank ready--> IDLE --a call starts--> RUNNING --the call ends--> IDLE
+                                        |                        |
+                                        |    a rank died, stayed stuck past the grace,
+                                        |    or could not honour an Interrupt
+                                        |                        v
+                                        +--close()--> CLOSED <--close()-- BROKEN
+        BROKEN --the next call--> (a fresh STARTING, with a one-line notice)
+    """
+
+    STARTING = "starting"
+    IDLE = "idle"
+    RUNNING = "running"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class Session:
+    """N ranks kept alive between calls, with torch.distributed wired once.
+
+    Takes the options of `notebook_launcher` that concern one machine, with the same
+    checks and errors; starting forks (or spawns) the ranks and forms the default
+    process group. Use it as a context manager, or call `close` (which frees the ranks'
+    GPU memory).
+
+    Example::
+
+        with Session(2, device="cpu") as session:
+            session.execute("import torch.nn as nn; model = nn.Linear(4, 1)")
+            session.run(lambda: dist.get_rank())            # 0 (rank 0's value)
+            session.run(lambda: dist.get_rank(), return_all=True)   # [0, 1]
+            weights = session.pull("model").state_dict()
+    """
+
+    def __init__(self, num_processes: Optional[int] = None, *, mixed_precision: str = "no",
+                 start_method: str = "auto", backend: str = "auto", device: str = "auto",
+                 display: str = "auto", stall_timeout: Optional[float] = 300.0, on_stall: str = "warn",
+                 monitor_interval: float = 0.1, log_line_prefix_template: Optional[str] = None,
+                 use_port: Optional[int] = None, master_addr: str = "127.0.0.1") -> None:
+        self.config: LaunchConfig = resolve(
+            None, num_processes=num_processes, mixed_precision=mixed_precision, start_method=start_method,
+            backend=backend, device=device, display=display, stall_timeout=stall_timeout, on_stall=on_stall,
+            monitor_interval=monitor_interval, log_line_prefix_template=log_line_prefix_template,
+            use_port=use_port, master_addr=master_addr)
+        self.title = self.config.describe()
+        self.status = SessionStatus.STARTING
+        self.broken_because = ""
+        self.state: Optional[RunState] = None      # the last call's state
+        self._ranks: Optional[Ranks] = None
+        self._task_id = 0
+        self._generation = 0
+        self._sent_sources: set = set()
+        self._lock = threading.Lock()               # one call at a time
+        for note in self.config.notes:
+            print(note, file=sys.stderr)
+        self._start()
+
+    # ------------------------------------------------------------- life cycle
+    def _start(self) -> None:
+        self.status = SessionStatus.STARTING
+        self._sent_sources = set()
+        self._ranks = start_ranks(self.config, self._generation, persistent=True)
+        _live.add(self)
+        state = self._new_state()
+        supervisor = Supervisor(self._ranks.io, state, View(self.config.line_prefix), 0, persistent=True,
+                                tick=self.config.tick)
+        try:
+            outcome = supervisor.run(timeout=START_TIMEOUT)
+        except BaseException:
+            self._stop_ranks(graceful=False)
+            self.status = SessionStatus.CLOSED
+            raise
+        finally:
+            supervisor.close()
+        if outcome.root is not None or outcome.stopped:
+            self._stop_ranks(graceful=False)
+            self.status = SessionStatus.CLOSED
+            if outcome.root is None:
+                raise TimeoutError(f"the ranks did not form their process group within {START_TIMEOUT:g}s")
+            raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root]) \
+                from outcome.root.exception
+        self.status = SessionStatus.IDLE
+
+    def close(self) -> None:
+        """Stop every rank (they leave their task loop, free their GPU memory and exit)."""
+        if self.status == SessionStatus.CLOSED:
+            return
+        self._stop_ranks(graceful=True)
+        self.status = SessionStatus.CLOSED
+
+    def _stop_ranks(self, graceful: bool) -> None:
+        ranks, self._ranks = self._ranks, None
+        _live.discard(self)
+        if ranks is None:
+            return
+        if graceful:
+            try:
+                ranks.send([io.rank for io in ranks.io if io.handle.exitcode is None], ch.Shutdown())
+            except OSError:
+                graceful = False  # a rank is gone: no one to wait for
+        teardown(ranks, graceful=graceful)
+
+    def _break(self, reason: str) -> None:
+        self.broken_because = reason
+        self.status = SessionStatus.BROKEN
+        self._stop_ranks(graceful=False)
+
+    def _usable(self) -> None:
+        """Raise if closed; restart (saying so) if broken or a rank died while idle."""
+        if self.status == SessionStatus.CLOSED:
+            raise RuntimeError("this session is closed: start a new one (Session(...) or %dist start)")
+        dead = [io.rank for io in self._ranks.io if io.handle.poll() is not None] if self._ranks else []
+        if dead and self.status != SessionStatus.BROKEN:
+            self._break(f"rank {dead[0]} died while the session was idle")
+        if self.status == SessionStatus.BROKEN:
+            print(f"notebook_launcher: the session was broken ({self.broken_because}); starting fresh ranks: "
+                  "their variables and models were lost.", file=sys.stderr)
+            self._generation += 1
+            self._start()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.status}: {self.title}>"
+
+    @property
+    def ranks(self) -> list:
+        """The global ranks of this session."""
+        return list(range(self.config.first_rank, self.config.first_rank + self.config.nproc))
+
+    @property
+    def pids(self) -> dict:
+        """rank -> process id of the live ranks."""
+        return {io.rank: io.handle.pid for io in self._ranks.io} if self._ranks else {}
+
+    # ------------------------------------------------------------- calls
+    def run(self, function, *args, return_all: bool = False, **kwargs) -> Any:
+        """Run ``function(*args, **kwargs)`` on every rank; return rank 0's value (every
+        rank's, in rank order, with ``return_all``), with the live dashboard for this call.
+
+        Example::
+
+            def step(lr):
+                ...                      # the process group is ready, as in notebook_launcher
+                return loss
+            session.run(step, 0.1)
+        """
+        if not callable(function):
+            raise LaunchConfigError(f"run() needs a function, got {type(function).__name__}.")
+        value = self._call(tasks.Call(function, args, kwargs), values_from=None if return_all else [0])
+        return collect(self.config, value, self.ranks, return_all)
+
+    def execute(self, source: str, ranks: Optional[list] = None, name: Optional[str] = None) -> dict:
+        """Run ``source`` on every rank (or ``ranks``) in that rank's own namespace, where
+        names stay from one call to the next. Returns ``{rank: text}`` of the cell's last
+        expression as IPython would show it (ranks where it is None are left out); use
+        `pull` for the objects themselves.
+
+        Example::
+
+            session.execute("x = torch.ones(2) * rank")
+            session.execute("x.sum()")        # {0: 'tensor(0.)', 1: 'tensor(2.)'}
+        """
+        targets = self._targets(ranks)
+        filename = name or f"<dist-cell-{self._task_id + 1}>"
+        results = self._call(tasks.Execute(source, filename), ranks=targets, values_from=targets, show=True)
+        values = collect(self.config, results, targets, True)
+        return {rank: text for rank, text in zip(targets, values) if text is not None}
+
+    def pull(self, name: str, rank: int = 0) -> Any:
+        """The value of ``name`` in ``rank``'s namespace, in the notebook (tensors on the CPU).
+
+        Example::
+
+            session.execute("w = model.weight.detach()")
+            w0 = session.pull("w")             # rank 0's
+        """
+        targets = self._targets([rank])
+        results = self._call(tasks.Pull(name), ranks=targets, values_from=targets)
+        return collect(self.config, results, targets, return_all=True)[0]
+
+    def push(self, **values) -> None:
+        """Bind ``values`` in every rank's namespace (sent by value, with dill).
+
+        Example::
+
+            session.push(lr=0.1, data=my_tensor)
+            session.execute("print(lr, data.shape)")
+        """
+        self._call(tasks.Push(values), values_from=[])
+
+    def _targets(self, ranks: Optional[list]) -> list:
+        if ranks is None:
+            return self.ranks
+        bad = [r for r in ranks if r not in self.ranks]
+        if bad:
+            raise LaunchConfigError(f"rank {bad[0]} is not in this session: its ranks are {self.ranks}.")
+        return sorted(set(ranks))
+
+    def _call(self, task, ranks: Optional[list] = None, values_from: Optional[list] = None,
+              show: bool = False) -> dict:
+        """Send ``task`` to ``ranks`` (all by default) and supervise it to its end; returns
+        {rank: (blob, pickler) or None}. ``values_from``: the ranks whose value is wanted
+        (None: rank 0)."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this session is already running a call (one call at a time)")
+        try:
+            self._usable()
+            return self._supervise(task, self._targets(ranks), [0] if values_from is None else values_from)
+        finally:
+            self._lock.release()
+
+    def _supervise(self, task, targets: list, values_from: list) -> dict:
+        blob = dumps_task(task)
+        sources = notebook_sources(skip=frozenset(self._sent_sources))
+        self._task_id += 1
+        task_id = self._task_id
+        for rank in targets:
+            request = ch.TaskRequest(blob, send_value=rank in values_from, sources=sources)
+            self._ranks.send([rank], request, task_id)
+        self._sent_sources.update(sources)
+        state = self.state = self._new_state(targets)
+        view = self._view()
+        supervisor = Supervisor([io for io in self._ranks.io if io.rank in targets], state, view, task_id,
+                                persistent=True, tick=self.config.tick, stall=self._ranks.stall_watch())
+        self.status = SessionStatus.RUNNING
+        status, failure = RunStatus.FAILED, None
+        try:
+            try:
+                outcome = supervisor.run()
+            except KeyboardInterrupt:
+                status = RunStatus.INTERRUPTED
+                with interrupts_deferred():
+                    self._interrupt(supervisor)
+                raise
+            finally:
+                supervisor.close()
+            if outcome.died or outcome.unfinished:
+                who = outcome.died or outcome.unfinished
+                self._break(f"rank {who[0]} {'died' if outcome.died else 'did not finish the task'}")
+            if outcome.root is not None:
+                failure = outcome.root
+                raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root]) \
+                    from outcome.root.exception
+            status = RunStatus.SUCCEEDED
+            return outcome.results
+        finally:
+            if self.status == SessionStatus.RUNNING:
+                self.status = SessionStatus.IDLE
+            finish_view(view, state, status, failure)
+
+    def _interrupt(self, supervisor: Supervisor) -> None:
+        """Forward the Interrupt to the ranks still in the task; break the session if
+        some cannot leave it in time (blocked in C, e.g. a collective)."""
+        import os
+        import signal
+
+        for io in self._ranks.io:
+            if io.rank in supervisor.ranks and io.rank not in supervisor.finished and io.handle.exitcode is None:
+                try:
+                    os.kill(io.handle.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        stuck = supervisor.wind_down(INTERRUPT_GRACE)
+        if stuck:
+            self._break(f"rank {stuck[0]} could not be interrupted")
+        else:
+            self.status = SessionStatus.IDLE
+
+    def _new_state(self, targets: Optional[list] = None) -> RunState:
+        config = self.config
+        return RunState(world_size=config.world_size, local_ranks=list(targets or self.ranks),
+                        backend=config.backend, device=config.device_type, start_method=config.start_method)
+
+    def _view(self) -> View:
+        """Output lines at once; the dashboard only once a rank reports or shows progress,
+        so a quick cell costs nothing for it."""
+        display = resolve_display(self.config.display)
+        if display == "none":
+            return View(self.config.line_prefix, self.title)
+        from .ui.on_demand import OnDemandView
+
+        return OnDemandView(lambda: make_view(display, self.config.line_prefix, self.title),
+                            self.config.line_prefix, self.title)
+
+
+_live: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sessions() -> None:
+    """Interpreter or kernel shutdown: close what is still open, so ranks are reaped."""
+    for session in list(_live):
+        try:
+            session.close()
+        except Exception:
+            pass

@@ -1,0 +1,43 @@
+"""A view that stays out of the way until there is something to show.
+
+A session's cell (``%%dist``, ``session.run``) often just prints or defines names, and
+ends in milliseconds: building a dashboard for it (widgets, matplotlib) would cost more
+than the cell. `OnDemandView` prints the ranks' output lines as they come, and builds the
+real dashboard only when a rank reports a metric or a progress step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ..state import RunState
+from .base import DEFAULT_PREFIX, View
+
+
+class OnDemandView(View):
+    """Output lines printed at once (rank-prefixed); ``make_dashboard()`` built and
+    started the first time the state has metrics or progress.
+
+    Example::
+
+        view = OnDemandView(lambda: make_view("widgets", title=title), title=title)
+    """
+
+    def __init__(self, make_dashboard: Callable[[], View], prefix: str = DEFAULT_PREFIX, title: str = "") -> None:
+        super().__init__(prefix, title)
+        self._make = make_dashboard
+        self.dashboard: Optional[View] = None
+
+    def refresh(self, state: RunState) -> None:
+        if self.dashboard is None and (state.reports_seen or state.progress):
+            self.dashboard = self._make()
+            self.dashboard.open()
+            self.dashboard.start(state)
+        if self.dashboard is not None:
+            self.dashboard.refresh(state)
+
+    def finish(self, state: RunState) -> None:
+        if self.dashboard is None and (state.reports_seen or state.progress):
+            self.refresh(state)  # metrics that arrived with the last message still get their summary
+        if self.dashboard is not None:
+            self.dashboard.finish(state)
