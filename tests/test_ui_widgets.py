@@ -178,3 +178,22 @@ def test_finish_without_any_metric(status):
     view.finish(state)
     assert view.snapshot.png is None
     assert status in view.snapshot.summary_html
+
+
+def test_a_run_shorter_than_the_plot_interval_still_shows_a_live_frame():
+    """The quickstart trains in about 0.6 s: its first frame must not wait for the 1 s throttle."""
+    clock = Clock()
+    host, view, state = started(clock)
+    pngs = widget_changes(view.image, "value")
+    hints = widget_changes(view.plot_hint.layout, "display")
+    for step in range(30):                               # 0.3 s: a report every 10 ms, a refresh after each
+        clock.t += 0.01
+        state.apply(Metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
+        view.refresh(state)
+        if step == 0:                                    # the first metric's refresh draws the first frame
+            assert len(pngs) == 1 and bytes(pngs[0]).startswith(PNG_MAGIC)
+            assert view.image.layout.display == "block" and hints == ["none"]
+    assert len(pngs) == 1                                # later frames keep the throttle
+    state.apply(Finished("succeeded", clock.t))
+    view.finish(state)
+    assert len(pngs) == 2                                # the final frame, drawn at the end

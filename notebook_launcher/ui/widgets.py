@@ -7,7 +7,8 @@ the latest metrics and of the ranks, and a bounded log panel with the output lin
 
 Every update is throttled (each widget change is one message to the browser): bars at
 most 10 times a second, text twice a second, the plot about once a second or less
-(the interval grows so that drawing stays under `PLOT_DUTY` of one core). When the run
+(the interval grows so that drawing stays under `PLOT_DUTY` of one core), except its
+first frame, drawn as soon as the first metric arrives. When the run
 ends the dashboard is replaced by the static summary of `ui.snapshot`.
 
 Only one thread touches the widgets: the supervisor's. Control changes made in the
@@ -150,9 +151,14 @@ class WidgetsView(View):
             if state.log_version != self._log_seen:
                 self._log_seen = state.log_version
                 self.log.value = fragments.log_panel(state, self.prefix, LOG_PANEL_LINES)
-        plot_due = self._plot_at is None or now - self._plot_at >= self._plot_interval
-        if (state.metrics_version != self._plot_seen or self._plot_dirty) and (force or plot_due):
+        if state.series and (state.metrics_version != self._plot_seen or self._plot_dirty) \
+                and (force or self._plot_due(now)):
             self._update_plot(state, now)
+
+    def _plot_due(self, now: float) -> bool:
+        """The first frame as soon as there is a metric (a run can be over in 0.6 s, before
+        any throttle lets a frame through); the next ones at the throttled pace."""
+        return self.png is None or now - self._plot_at >= self._plot_interval
 
     def _update_bars(self, state: RunState, texts: bool) -> None:
         bars = state.bars()[:MAX_BARS]
