@@ -1,0 +1,233 @@
+"""`python -m notebook_launcher run ...` from a real shell: scripts, functions, modules,
+failures, Ctrl-C, and accelerate config files (ours and HF accelerate's own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def run_cli(*args: str, cwd, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The command line as a user types it, in ``cwd``, HF_HOME in ``cwd`` unless ``env`` says."""
+    full_env = {**os.environ, "HF_HOME": str(cwd / "hf_home"), **(env or {})}
+    full_env.pop("PYTEST_CURRENT_TEST", None)
+    return subprocess.run([sys.executable, "-m", "notebook_launcher", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=full_env)
+
+
+def write(path, source: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def rank_records(stdout: str, marker: str = "RECORD ") -> dict:
+    """{rank: record} from lines ``[rankN]: RECORD {json}`` the scripts print."""
+    records = {}
+    for line in stdout.splitlines():
+        head, sep, payload = line.partition(marker)
+        if sep and head.startswith("[rank"):
+            record = json.loads(payload)
+            records[record["rank"]] = record
+    return records
+
+
+ARGPARSE_SCRIPT = """
+    import argparse, json, os, sys
+    import torch, torch.distributed as dist
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("name")
+    args = parser.parse_args()
+    total = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(total)
+    env = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    print("RECORD " + json.dumps({"rank": dist.get_rank(), "name": __name__, "argv": sys.argv[1:],
+                                  "lr": args.lr, "epochs": args.epochs, "label": args.name,
+                                  "total": total.item(), "env": env}))
+"""
+
+
+def test_a_script_with_argparse_arguments_runs_as_main_on_two_cpu_workers(tmp_path):
+    script = write(tmp_path / "train.py", ARGPARSE_SCRIPT)
+    # accelerate launch's own spelling, dashes included, then the script's arguments
+    out = run_cli("run", "--cpu", "--num-processes", "2", str(script), "--lr", "0.5", "digits", "--epochs", "3",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    records = rank_records(out.stdout)
+    assert sorted(records) == [0, 1], out.stdout
+    for rank, record in records.items():
+        assert record["name"] == "__main__"
+        assert record["argv"] == ["--lr", "0.5", "digits", "--epochs", "3"]
+        assert (record["lr"], record["epochs"], record["label"]) == (0.5, 3, "digits")
+        assert record["total"] == 3.0                       # a real all_reduce over both ranks
+        env = record["env"]
+        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == (str(rank), str(rank), "2")
+        assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"].isdigit()
+
+
+def test_a_function_in_a_file_is_called_and_rank_0s_value_printed(tmp_path):
+    write(tmp_path / "jobs" / "reduce.py", """
+        from dataclasses import dataclass
+        import torch, torch.distributed as dist
+
+        @dataclass
+        class Result:
+            world_size: int
+            total: float
+
+        def main():
+            total = torch.ones(1) * (dist.get_rank() + 1)
+            dist.all_reduce(total)
+            return Result(dist.get_world_size(), total.item())
+
+        if __name__ == "__main__":
+            raise SystemExit("the file is imported, not run as a script")
+    """)
+    out = run_cli("run", "--cpu", "--num_processes", "2", "--display", "none", "jobs/reduce.py:main", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # the value's class lives in the file: the command line can still show it
+    assert out.stdout.splitlines()[-1] == "Result(world_size=2, total=3.0)", out.stdout
+
+
+def test_a_module_runs_like_python_m_in_spawned_workers(tmp_path):
+    write(tmp_path / "mypkg" / "__init__.py", "")
+    write(tmp_path / "mypkg" / "train.py", """
+        import json, sys
+        import torch.distributed as dist
+        from mypkg import helpers
+
+        if __name__ == "__main__":
+            print("RECORD " + json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(),
+                                          "argv": sys.argv[1:], "helper": helpers.answer()}))
+    """)
+    write(tmp_path / "mypkg" / "helpers.py", "def answer():\n    return 42\n")
+    out = run_cli("run", "--cpu", "--num_processes", "2", "--start_method", "spawn", "-m", "mypkg.train",
+                  "--steps", "3", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "spawn" in out.stdout   # the banner: workers really were spawned (the task went with dill)
+    records = rank_records(out.stdout)
+    assert sorted(records) == [0, 1], out.stdout
+    assert all(r["world"] == 2 and r["argv"] == ["--steps", "3"] and r["helper"] == 42 for r in records.values())
+
+
+def test_a_failing_rank_sets_the_exit_status_and_is_named_on_stderr(tmp_path):
+    script = write(tmp_path / "fails.py", """
+        import sys
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1:
+            sys.exit(3)
+        dist.barrier()
+    """)
+    out = run_cli("run", "--cpu", "--num_processes", "2", str(script), cwd=tmp_path)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "rank 1 failed" in out.stderr and "SystemExit: 3" in out.stderr, out.stderr
+    assert "rank 0 failed" not in out.stderr   # rank 0 only lost its peer
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_ctrl_c_stops_every_worker_within_2_seconds_and_exits_130(tmp_path):
+    write(tmp_path / "sleeper.py", """
+        import os, sys, time
+        import torch.distributed as dist
+
+        with open(os.path.join(sys.argv[1], f"pid{dist.get_rank()}"), "w") as file:
+            file.write(str(os.getpid()))
+        while True:
+            time.sleep(0.1)
+    """)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
+    command = [sys.executable, "-m", "notebook_launcher", "run", "--cpu", "--num_processes", "2", "sleeper.py",
+               str(tmp_path)]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid_files = [tmp_path / "pid0", tmp_path / "pid1"]
+        deadline = time.monotonic() + 90
+        while not all(f.exists() and f.read_text() for f in pid_files):
+            assert proc.poll() is None and time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.05)
+        pids = [int(f.read_text()) for f in pid_files]
+        proc.send_signal(signal.SIGINT)
+        pressed = time.monotonic()
+        while not all(_gone(pid) for pid in pids) and time.monotonic() - pressed < 5:
+            time.sleep(0.01)
+        stopped_after = time.monotonic() - pressed
+        assert all(_gone(pid) for pid in pids), "a worker outlived Ctrl-C"
+        assert stopped_after < 2.0, f"workers took {stopped_after:.2f} s to go"
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr, stderr
+
+
+# ----------------------------------------------------------------- accelerate's config and Accelerator
+ACCELERATE_SCRIPT = """
+    # written for `accelerate launch`: nothing here knows about notebook_launcher
+    import json
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    ranks = accelerator.gather(torch.tensor([accelerator.process_index]))
+    print("RECORD " + json.dumps({"rank": accelerator.process_index, "world": accelerator.num_processes,
+                                  "ranks": ranks.tolist(), "mixed_precision": accelerator.mixed_precision,
+                                  "device": accelerator.device.type,
+                                  "distributed_type": str(accelerator.distributed_type)}))
+"""
+
+
+def test_our_config_file_is_honoured_by_run_and_an_accelerate_script_runs_unchanged(tmp_path):
+    wrote = run_cli("config", "--num_processes", "2", "--mixed_precision", "bf16", "--cpu", cwd=tmp_path)
+    assert wrote.returncode == 0, wrote.stderr
+    default_file = tmp_path / "hf_home" / "accelerate" / "default_config.yaml"
+    assert default_file.is_file() and str(default_file) in wrote.stdout
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    theirs = load_config_from_file(str(default_file))   # HF accelerate reads our file too
+    assert (theirs.num_processes, theirs.mixed_precision, theirs.use_cpu) == (2, "bf16", True)
+
+    script = write(tmp_path / "accelerate_script.py", ACCELERATE_SCRIPT)
+    out = run_cli("run", str(script), cwd=tmp_path)        # no flags: everything from the file
+    assert out.returncode == 0, out.stdout + out.stderr
+    records = rank_records(out.stdout)
+    assert sorted(records) == [0, 1], out.stdout
+    for record in records.values():
+        assert record["world"] == 2 and record["ranks"] == [0, 1]
+        assert record["mixed_precision"] == "bf16" and record["device"] == "cpu"
+        assert record["distributed_type"].endswith("MULTI_CPU")
+
+
+def test_a_config_from_hf_write_basic_config_is_honoured_and_flags_override_it(tmp_path):
+    from accelerate.utils import write_basic_config
+
+    default_file = tmp_path / "hf_home" / "accelerate" / "default_config.yaml"
+    write_basic_config(mixed_precision="fp16", save_location=str(default_file))
+    script = write(tmp_path / "accelerate_script.py", ACCELERATE_SCRIPT)
+    out = run_cli("run", "--cpu", "--num_processes", "2", str(script), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    records = rank_records(out.stdout)
+    assert sorted(records) == [0, 1], out.stdout          # the flag, over the file's num_processes
+    assert all(r["mixed_precision"] == "fp16" for r in records.values())   # from HF's file
