@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import preload
 from .bootstrap import InheritedFds, WorkerSpec, worker_main
 
 _F_SETPIPE_SZ = 1031  # Linux: a bigger events pipe means fewer wake-ups for big results
@@ -97,29 +98,9 @@ def start_workers(start_method: str, make_spec: Callable[[int, InheritedFds, tup
     import multiprocess
 
     context = multiprocess.get_context(start_method)
-    if start_method == "fork":
-        _preload_for_fork()
     pipes = [WorkerPipes.open() for _ in range(local_count)]
     with _without_main_module_rerun():
         return _start_all(context, pipes, make_spec)
-
-
-# Modules that nearly every training imports lazily inside the workers. Imported once
-# here, every forked worker inherits them: DistributedDataParallel's constructor imports
-# torch._dynamo, about 2.5 s per worker on a small machine, paid again at every launch.
-PRELOAD_FOR_FORK = ("torch._dynamo",)
-
-
-def _preload_for_fork() -> None:
-    import importlib
-    import sys
-
-    for name in PRELOAD_FOR_FORK:
-        if name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # an optional speed-up, never a reason to fail a launch
-                pass
 
 
 def resource_tracker_running() -> bool:
@@ -186,6 +167,7 @@ def _start_all(context, pipes: list, make_spec) -> list[WorkerHandle]:
         for index, pipe in enumerate(pipes):
             keep = set(pipe.child_fds())
             spec = make_spec(index, pipe.child, tuple(fd for fd in every_fd if fd not in keep))
+            preload.before_fork(spec.first_task)  # what forked workers would each import: once, here
             process = context.Process(target=worker_main, args=(spec,), name=f"notebook_launcher-rank{spec.rank}")
             process.start()
             _own_group(process.pid)
