@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import numbers
 import os
 import warnings
 import weakref
@@ -21,11 +20,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .. import reporting
+from ..trackers import names as tracker_names
+from ..trackers.messages import flatten
 from ..workers import context
 from . import checkpointing, collectives, precision
 from .checkpointing import Parts, ProjectConfiguration
 from .data import DataLoaderShard, shard_data_loader
 from .state import DistributedType, GradientState, ProcessState, check_mixed_precision_name, default_mixed_precision, detect
+from .tracking import TrackerClient, WorkerTracker, as_number
 from .wrappers import AcceleratedOptimizer, AcceleratedScheduler
 
 # Models and optimizers already given to some Accelerator's prepare() in this process. A
@@ -65,8 +67,15 @@ class Accelerator:
         kwargs_handlers: HF accelerate's ``DistributedDataParallelKwargs``,
             ``GradScalerKwargs`` or ``AutocastKwargs`` (anything with those class names and
             a ``to_kwargs()`` method).
-        log_with, rng_types: accepted for compatibility; `log` always feeds the dashboard
-            and prepared loaders share their shuffle seed, so there is nothing to sync.
+        log_with: experiment trackers, as in HF accelerate: "tensorboard", "mlflow", "wandb",
+            "trackio", a list of them, or "all" (every one installed). They run in the
+            notebook process, fed by rank 0 (see `init_trackers`); `log` also feeds the
+            dashboard, with or without trackers. A tracker that is not installed is an
+            error naming its pip package.
+        logging_dir: where trackers that write files (TensorBoard) put them; default
+            ``project_dir``.
+        rng_types: accepted for compatibility: prepared loaders share their shuffle seed,
+            so there is nothing to sync.
 
     Example::
 
@@ -88,11 +97,10 @@ class Accelerator:
                  dataloader_config: Any = None, rng_types: Any = None, log_with: Any = None,
                  project_dir: Optional[str] = None, project_config: Optional[ProjectConfiguration] = None,
                  gradient_accumulation_plugin: Any = None, step_scheduler_with_optimizer: bool = True,
-                 kwargs_handlers: Optional[list] = None) -> None:
+                 kwargs_handlers: Optional[list] = None, logging_dir: Optional[str] = None) -> None:
         del rng_types  # prepared loaders share one shuffle seed across ranks: nothing to synchronize
-        if log_with is not None:
-            warnings.warn(f"log_with={log_with!r} is not used: Accelerator.log() sends metrics to the "
-                          "notebook_launcher dashboard.", stacklevel=2)
+        # The launcher checks log_with before any process starts; this is the fallback.
+        self.log_with = tracker_names.check_installed(log_with, in_worker=context.current() is not None)
         self._process = detect(cpu=cpu)
         requested = default_mixed_precision() if mixed_precision is None else mixed_precision
         self._mixed_precision = check_mixed_precision_name(requested)
@@ -108,8 +116,12 @@ class Accelerator:
         self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
         self.gradient_state = GradientState(**_accumulation(gradient_accumulation_steps, gradient_accumulation_plugin))
         self.project_configuration = project_config if project_config is not None else ProjectConfiguration()
+        if logging_dir is not None:
+            self.project_configuration.logging_dir = os.fspath(logging_dir)
         if project_dir is not None:
-            self.project_configuration.set_directories(str(project_dir))
+            self.project_configuration.set_directories(os.fspath(project_dir))
+        tracker_names.check_logging_dir(self.log_with, self.logging_dir)
+        self._trackers = TrackerClient(self.log_with, self._process.is_main_process)
         self.step = 0  # micro-steps since the last synced one (accumulate)
         self._models: list = []
         self._optimizers: list = []
@@ -530,39 +542,82 @@ class Accelerator:
 
     clear = free_memory
 
-    # ----------------------------------------------------------------- dashboard
+    # ----------------------------------------------------------------- dashboard and trackers
     def init_trackers(self, project_name: str, config: Optional[dict] = None, init_kwargs: Optional[dict] = None):
-        """Accepted for compatibility: the dashboard needs no setup."""
+        """Open a run in each ``log_with`` tracker, recording ``config`` as its hyperparameters.
+
+        Call it on every rank (only rank 0's call is sent). The runs open in the notebook
+        process, which also closes them when the launch ends (failed or interrupted runs
+        are marked so where the tracker can), or at `end_training`. ``init_kwargs`` holds
+        each tracker's own options under its name, as in HF accelerate.
+
+        Example::
+
+            accelerator = Accelerator(log_with=["tensorboard", "mlflow"], project_dir="runs")
+            accelerator.init_trackers("mnist", config={"lr": 3e-4, "batch_size": 64},
+                                      init_kwargs={"mlflow": {"run_name": "baseline"}})
+        """
+        self._trackers.init(project_name, config, init_kwargs, self.logging_dir)
 
     def log(self, values: dict, step: Optional[int] = None, log_kwargs: Optional[dict] = None) -> None:
-        """Send numeric values to the live dashboard (nested dicts become "a/b" names).
+        """Send values to the live dashboard and, after `init_trackers`, to the trackers.
 
-        Outside a launched worker this does nothing.
+        Nested dicts become "a/b" names. The dashboard plots numbers; trackers also take
+        strings. ``log_kwargs`` holds per-tracker options, e.g. ``{"wandb": {"commit": False}}``.
+        Outside a launched worker the dashboard part does nothing.
 
         Example::
 
             accelerator.log({"train/loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, step=step)
         """
-        metrics = {}
-        for name, value in _flatten(values):
-            number = _as_number(value)
-            if number is None:
-                if name not in self._unsupported_log_keys:
-                    self._unsupported_log_keys.add(name)
-                    warnings.warn(f"Accelerator.log: {name!r} is not a number ({type(value).__name__}); "
-                                  "the dashboard plots numbers only, so it is left out.", stacklevel=2)
-                continue
-            metrics[name] = number
+        metrics, text = {}, {}
+        for name, value in flatten(values):
+            number = as_number(value)
+            if number is not None:
+                metrics[name] = number
+            elif isinstance(value, str) and self._trackers.initialized:
+                text[name] = value
+            elif name not in self._unsupported_log_keys:
+                self._unsupported_log_keys.add(name)
+                warnings.warn(f"Accelerator.log: {name!r} is not a number ({type(value).__name__}); "
+                              "the dashboard plots numbers (and trackers take numbers and strings), "
+                              "so it is left out.", stacklevel=2)
         if "step" in metrics:  # report() takes the step as its own argument
             logged_step = metrics.pop("step")
             step = int(logged_step) if step is None else step
         reporting.report(step=step, **metrics)
+        self._trackers.log({**metrics, **text}, step, log_kwargs, reported=True)
+
+    def get_tracker(self, name: str, unwrap: bool = False) -> WorkerTracker:
+        """The tracker ``name`` (one of ``log_with``), after `init_trackers`.
+
+        Its ``log`` and ``store_init_configuration`` work from any rank (rank 0's are
+        recorded). The real object (``unwrap=True``, ``.writer``, ``.run``) lives in the
+        notebook process, so asking for it here raises an error that says so.
+
+        Example::
+
+            accelerator.get_tracker("tensorboard").log({"val/acc": acc}, step=epoch)
+        """
+        if name not in self.log_with:
+            raise ValueError(f"{name!r} is not an available tracker stored inside the Accelerator "
+                             f"(log_with={list(self.log_with)}).")
+        if not self._trackers.initialized:
+            raise ValueError(f"get_tracker({name!r}) needs init_trackers(...) first.")
+        tracker = WorkerTracker(name, self._trackers)
+        return tracker.tracker if unwrap else tracker
+
+    @property
+    def trackers(self) -> list:
+        """The `WorkerTracker` of each ``log_with`` tracker, once `init_trackers` ran."""
+        return [WorkerTracker(name, self._trackers) for name in self.log_with] if self._trackers.initialized else []
 
     def end_training(self) -> None:
-        """Wait for every rank and push the last metrics to the dashboard.
+        """Close the tracker runs, wait for every rank and push the last metrics to the dashboard.
 
         The process group stays: the launcher owns it (and closes it when the function returns).
         """
+        self._trackers.end()
         self.wait_for_everyone()
         ctx = context.current()
         if ctx is not None:
@@ -612,27 +667,3 @@ def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor) and key != "step":
                 per_param[key] = value.to(device)
-
-
-def _flatten(values: dict, prefix: str = ""):
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{name}/")
-        else:
-            yield name, value
-
-
-def _as_number(value: Any) -> Optional[float]:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, numbers.Number):
-        return float(value) if not isinstance(value, complex) else None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value.detach().float().item())
-    if hasattr(value, "item") and getattr(value, "size", 2) == 1:  # a numpy scalar or 1-element array
-        try:
-            return float(value.item())
-        except (TypeError, ValueError):
-            return None
-    return None
