@@ -11,6 +11,10 @@ Public API:
   with HF accelerate's API (prepare, backward, autocast, accumulate, gather_for_metrics,
   save_state/load_state, ...) and the launcher's ``mixed_precision`` really applied.
 - `Run`: the handle ``notebook_launcher(..., block=False)`` returns.
+- `Session(num_processes, ...)`: ranks that stay alive across cells, with the process
+  group formed once: ``session.run(fn, *args)``, ``session.execute(source)`` (each rank
+  keeps its own namespace), ``session.pull(name)``, ``session.push(**values)``.
+- ``%load_ext notebook_launcher``: the ``%dist`` / ``%%dist`` magics over a `Session`.
 - `WorkerError`: raised in the cell when a worker fails; names the rank that failed
   first and carries its traceback. A subclass of torch's ``ChildFailedError``.
 - `LaunchConfigError`: bad arguments, raised before any process starts.
@@ -33,7 +37,15 @@ from .api import notebook_launcher
 from .errors import LaunchConfigError, WorkerError
 from .reporting import progress, report
 from .run import Run
+from .session import Session, SessionStatus
 
 __all__ = ["notebook_launcher", "report", "progress", "Accelerator", "ProjectConfiguration", "Run",
-           "WorkerError", "LaunchConfigError"]
+           "Session", "SessionStatus", "WorkerError", "LaunchConfigError"]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext notebook_launcher`` registers the ``%dist`` / ``%%dist`` magics."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
 __version__ = "0.1.0"

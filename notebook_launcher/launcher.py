@@ -93,13 +93,14 @@ def start_ranks(config: LaunchConfig, attempt: int, *, persistent: bool,
     return ranks
 
 
-def teardown(ranks: Ranks, graceful: bool) -> None:
+def teardown(ranks: Ranks, graceful: bool, term_grace: float = TEARDOWN_GRACE) -> None:
     """Stop every rank and free what they own. Every step runs even if an earlier one
     fails; Interrupts wait until the end. ``graceful``: ranks that are ending by
-    themselves (they returned, or were told to shut down) get `EXIT_GRACE` first."""
+    themselves (they returned, or were told to shut down) get `EXIT_GRACE` first;
+    ``term_grace``: seconds between SIGTERM and SIGKILL (0: kill at once)."""
     steps = [
         lambda: graceful and _wait_for_exits(ranks.handles, EXIT_GRACE),
-        lambda: stop_workers(ranks.handles, grace=TEARDOWN_GRACE),
+        lambda: stop_workers(ranks.handles, grace=term_grace),
         lambda: [handle.close_all() for handle in ranks.handles],
         lambda: ranks.rdzv is not None and ranks.rdzv.close(),
         lambda: ranks.tracker_was_running or stop_resource_tracker(),

@@ -41,7 +41,7 @@ from .ui import make_view, resolve_display
 from .ui.base import View
 from .workers import tasks
 
-INTERRUPT_GRACE = 1.5   # seconds ranks get to leave a task after an Interrupt (the cell promises 2 s)
+INTERRUPT_GRACE = 1.0   # seconds ranks get to leave a task after an Interrupt (the cell promises 2 s)
 START_TIMEOUT = 300.0   # seconds for every rank to form the process group
 CLOSE_GRACE = 5.0       # seconds ranks get to shut down by themselves (NCCL teardown) on close
 
@@ -109,6 +109,8 @@ class Session:
     def _start(self) -> None:
         self.status = SessionStatus.STARTING
         self._sent_sources = set()
+        if self.config.start_method == "fork":
+            _preload_for_cells()
         self._ranks = start_ranks(self.config, self._generation, persistent=True)
         _live.add(self)
         state = self._new_state()
@@ -138,7 +140,7 @@ class Session:
         self._stop_ranks(graceful=True)
         self.status = SessionStatus.CLOSED
 
-    def _stop_ranks(self, graceful: bool) -> None:
+    def _stop_ranks(self, graceful: bool, term_grace: Optional[float] = None) -> None:
         ranks, self._ranks = self._ranks, None
         _live.discard(self)
         if ranks is None:
@@ -148,12 +150,14 @@ class Session:
                 ranks.send([io.rank for io in ranks.io if io.handle.exitcode is None], ch.Shutdown())
             except OSError:
                 graceful = False  # a rank is gone: no one to wait for
-        teardown(ranks, graceful=graceful)
+        teardown(ranks, graceful=graceful, **({} if term_grace is None else {"term_grace": term_grace}))
 
     def _break(self, reason: str) -> None:
+        """The ranks cannot be trusted any more (one died, or is stuck in C): kill them
+        at once, since a SIGTERM would wait in the same stuck call."""
         self.broken_because = reason
         self.status = SessionStatus.BROKEN
-        self._stop_ranks(graceful=False)
+        self._stop_ranks(graceful=False, term_grace=0.0)
 
     def _usable(self) -> None:
         """Raise if closed; restart (saying so) if broken or a rank died while idle."""
@@ -201,8 +205,8 @@ class Session:
         """
         if not callable(function):
             raise LaunchConfigError(f"run() needs a function, got {type(function).__name__}.")
-        value = self._call(tasks.Call(function, args, kwargs), values_from=None if return_all else [0])
-        return collect(self.config, value, self.ranks, return_all)
+        results = self._call(tasks.Call(function, args, kwargs), values_from=self.ranks if return_all else [0])
+        return collect(self.config, results, self.ranks, return_all)
 
     def execute(self, source: str, ranks: Optional[list] = None, name: Optional[str] = None) -> dict:
         """Run ``source`` on every rank (or ``ranks``) in that rank's own namespace, where
@@ -336,6 +340,20 @@ class Session:
 
         return OnDemandView(lambda: make_view(display, self.config.line_prefix, self.title),
                             self.config.line_prefix, self.title)
+
+
+def _preload_for_cells() -> None:
+    """Import torch._dynamo once before forking: a session's cells are where models get
+    wrapped in DDP, whose constructor would import it in every rank (about 2.5 s each
+    on 2 cores); a session pays it once, at start (about 0.75 s)."""
+    import importlib
+
+    from .workers import preload
+
+    try:
+        importlib.import_module(preload.PRELOAD_MODULE)
+    except Exception:  # a speed-up, never a reason to fail
+        pass
 
 
 _live: "weakref.WeakSet[Session]" = weakref.WeakSet()

@@ -1,0 +1,207 @@
+"""Persistent sessions, the way a person uses them: %dist magics and Session in a real kernel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from kernel_harness import Kernel, pids_alive
+
+STARTUP = textwrap.dedent("""
+    import os, sys, time
+    import torch, torch.distributed as dist
+    from notebook_launcher import Session, WorkerError
+    %load_ext notebook_launcher
+""")
+
+
+@pytest.fixture()
+def kernel():
+    with Kernel(startup=STARTUP) as k:
+        yield k
+        k.run("%dist stop")
+        assert k.wait_no_descendants() == [], "the session left processes behind"
+
+
+def ok(kernel: Kernel, code: str, timeout: float = 60):
+    result = kernel.run(textwrap.dedent(code), timeout=timeout)
+    assert result.status == "ok", result.traceback + result.stderr
+    return result
+
+
+def start(kernel: Kernel, extra: str = "") -> list:
+    out = ok(kernel, f"%dist start -n 2 --device cpu --display none {extra}")
+    assert "Session started: 2 CPU processes (gloo, fork)" in out.stdout
+    pids = [p.pid for p in kernel.descendants()]
+    assert len(pids) == 2
+    return pids
+
+
+def test_cells_keep_state_on_every_rank_and_show_last_expressions(kernel):
+    pids = start(kernel)
+    ok(kernel, "%%dist\nx = torch.ones(3) * (rank + 1)\nprint('defined on', rank, dist.get_world_size())")
+    out = ok(kernel, "%%dist\nt = x.clone(); dist.all_reduce(t)\nt.sum().item()")
+    assert "[rank0]: defined on 0 2" not in out.stdout          # that was the previous cell's output
+    assert "Out[rank 0]: 9.0" in out.stdout and "Out[rank 1]: 9.0" in out.stdout
+    only_one = ok(kernel, "%%dist --ranks 1\nprint('only', rank)")
+    assert only_one.stdout.strip() == "[rank1]: only 1"
+    status = ok(kernel, "%dist status").stdout
+    assert status.startswith("idle: 2 CPU processes") and all(f"pid {pid}" in status for pid in pids)
+    assert sorted(p.pid for p in kernel.descendants()) == sorted(pids)   # the same ranks served every cell
+    ok(kernel, "%dist stop")
+    assert kernel.wait_no_descendants(timeout=5) == []
+
+
+def test_functions_defined_after_the_start_and_pull_push_of_tensors(kernel):
+    start(kernel)
+    out = ok(kernel, """
+        session = get_ipython().find_magic('dist').__self__.session
+        def scaled_sum(k):                       # defined after the ranks started
+            t = torch.full((2,), float(dist.get_rank() + 1)) * k
+            dist.all_reduce(t)
+            return t
+        print(session.run(scaled_sum, 10).tolist(), session.run(scaled_sum, k=1, return_all=True))
+    """)
+    assert out.stdout.splitlines()[-1] == "[30.0, 30.0] [tensor([3., 3.]), tensor([3., 3.])]"
+    ok(kernel, "weights = torch.arange(4.0)\n%dist push weights")
+    ok(kernel, "%%dist\nweights = weights * (rank + 1)")
+    pulled = ok(kernel, "%dist pull weights --rank 1\nprint(weights.tolist(), weights.device)")
+    assert pulled.stdout.strip() == "[0.0, 2.0, 4.0, 6.0] cpu"
+    missing = kernel.run("%dist pull nothing_here")
+    assert missing.ename == "WorkerError" and "nothing_here" in missing.evalue
+
+
+def test_an_error_on_one_rank_raises_in_the_cell_and_the_next_cell_keeps_the_state(kernel):
+    pids = start(kernel)
+    ok(kernel, "%%dist\nkept = rank * 100")
+    failed = kernel.run("%%dist\nvalue = 1\nif rank == 1:\n    raise ValueError(f'bad shard on {rank}')")
+    assert failed.status == "error" and failed.ename == "WorkerError"
+    assert "rank 1 failed: ValueError: bad shard on 1" in failed.traceback
+    assert "raise ValueError(f'bad shard on {rank}')" in failed.traceback   # the cell's own line
+    assert "notebook_launcher/" not in failed.traceback                      # not our frames
+    after = ok(kernel, "%%dist\nkept + value")
+    assert "Out[rank 0]: 1" in after.stdout and "Out[rank 1]: 101" in after.stdout
+    assert sorted(p.pid for p in kernel.descendants()) == sorted(pids)
+    assert "broken" not in after.stderr
+
+
+@pytest.mark.parametrize("how", ["dies", "stuck in a collective"])
+def test_a_dead_or_stuck_rank_breaks_the_session_and_the_next_cell_restarts_it(kernel, how):
+    old = start(kernel)
+    ok(kernel, "%%dist\nkept = 1")
+    body = "import os\nif rank == 1:\n    os._exit(3)" if how == "dies" else \
+        "if rank == 1:\n    raise RuntimeError('rank 1 gives up')\ndist.barrier()"
+    began = time.monotonic()
+    failed = kernel.run("%%dist\n" + body)
+    assert failed.ename == "WorkerError"
+    assert ("rank 1 failed: exited with code 3" if how == "dies" else "rank 1 failed: RuntimeError") in failed.traceback
+    assert time.monotonic() - began < 5
+    assert pids_alive(old) == []                                  # the broken ranks are gone at once
+    assert "broken" in ok(kernel, "%dist status").stdout
+    again = ok(kernel, "%%dist\nprint('fresh', rank, 'kept' in globals())")
+    assert again.stderr.count("the session was broken") == 1 and "starting fresh ranks" in again.stderr
+    assert "[rank0]: fresh 0 False" in again.stdout and "[rank1]: fresh 1 False" in again.stdout
+    assert not set(old) & {p.pid for p in kernel.descendants()}
+
+
+@pytest.mark.parametrize("blocked_in_c", [False, True])
+def test_interrupt_ends_the_cell_within_two_seconds(kernel, blocked_in_c):
+    start(kernel)
+    ok(kernel, "%%dist\nkept = 7")
+    pressed = []
+
+    def press():
+        time.sleep(1.5)
+        pressed.append(time.monotonic())
+        kernel.interrupt()
+
+    presser = threading.Thread(target=press)
+    presser.start()
+    body = ("import time\nif rank == 1:\n    time.sleep(60)\ndist.barrier()" if blocked_in_c
+            else "import time\nfor i in range(600):\n    time.sleep(0.1)")
+    result = kernel.run("%%dist\n" + body, timeout=60)
+    ended = time.monotonic()
+    presser.join()
+    assert result.ename == "KeyboardInterrupt"
+    assert ended - pressed[0] < 2.0
+    status = ok(kernel, "%dist status").stdout
+    if blocked_in_c:       # rank 0 waits in gloo's barrier, in C: it cannot be interrupted
+        assert status.startswith("broken") and "could not be interrupted" in status
+    else:                  # every rank left the loop: the session and its state live on
+        assert status.startswith("idle")
+        assert "Out[rank 1]: 7" in ok(kernel, "%%dist\nkept").stdout
+
+
+def test_without_a_session_the_cell_says_how_to_start_one(kernel):
+    result = kernel.run("%%dist\nprint(rank)")
+    assert result.status == "error"                              # IPython shows a UsageError as text
+    assert "UsageError: No distributed session is running" in result.stderr and "%dist start -n 2" in result.stderr
+
+
+def test_auto_mode_runs_every_cell_on_the_ranks_until_turned_off(kernel):
+    start(kernel)
+    ok(kernel, "%dist auto")
+    on_ranks = ok(kernel, "print('where', rank)")
+    assert "[rank0]: where 0" in on_ranks.stdout and "[rank1]: where 1" in on_ranks.stdout
+    ok(kernel, "%dist auto off")
+    here = kernel.run("print('where', rank)")
+    assert here.ename == "NameError"                             # the notebook has no `rank`
+
+
+def test_an_idle_session_is_never_reported_stalled_but_a_running_cell_is(kernel):
+    start(kernel, "--stall-timeout 1")
+    ok(kernel, "time.sleep(3)")                                  # idle, longer than stall_timeout
+    quiet = ok(kernel, "%%dist\nprint('still fine')")
+    assert "no progress" not in quiet.text
+    stalled = ok(kernel, "%%dist\nimport time\nif rank == 1:\n    time.sleep(0.2)\ndist.barrier() if rank == 0 else time.sleep(3)\n"
+                         "dist.barrier() if rank == 1 else None", timeout=60)
+    assert "no progress for 1s (stall_timeout)" in stalled.text and "[rank0]" in stalled.stderr
+
+
+def test_report_in_a_cell_drives_its_dashboard(kernel):
+    ok(kernel, "%dist start -n 2 --device cpu --display widgets")
+    quick = ok(kernel, "%%dist\ny = 1")
+    assert quick.displays == []                                  # nothing to show: no dashboard built
+    shown = ok(kernel, "%%dist\nimport time\nfor step in progress(range(20)):\n    report(step, loss=1.0 / (step + 1))\n    time.sleep(0.02)")
+    html = [d.get("text/html", "") for d in shown.displays]
+    assert any("succeeded" in h and "loss" in h for h in html), html
+
+
+def _fds_and_threads(pid: int) -> tuple:
+    process = psutil.Process(pid)
+    return process.num_fds(), process.num_threads()
+
+
+def test_fifty_cells_leak_no_fds_threads_or_processes(kernel):
+    pids = start(kernel)
+    ok(kernel, "%%dist\nz = 0")
+    before = _fds_and_threads(kernel.pid)
+    rank_before = [_fds_and_threads(pid) for pid in pids]
+    for i in range(50):
+        ok(kernel, f"%%dist\nz = z + {i}\nprint(z)")
+    assert "Out[rank 0]: 1225" in ok(kernel, "%%dist\nz").stdout
+    assert _fds_and_threads(kernel.pid) == before
+    assert [_fds_and_threads(pid) for pid in pids] == rank_before
+    assert sorted(p.pid for p in kernel.descendants()) == sorted(pids)
+
+
+@pytest.mark.parametrize("end", ["shutdown", "death"])
+def test_kernel_shutdown_or_death_takes_every_rank(end):
+    k = Kernel(startup=STARTUP)
+    try:
+        pids = start(k)
+        assert pids_alive(pids) == pids
+        if end == "death":
+            os.kill(k.pid, signal.SIGKILL)
+    finally:
+        k.shutdown()
+    deadline = time.monotonic() + 5
+    while pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_alive(pids) == []
