@@ -1,0 +1,122 @@
+"""The rate and ETA of progress bars, driven by hand-made events as the parent gets them.
+
+The parent stamps an event when it reads it, and it reads in batches: when data arrive
+while it is free, or after a delay when it is busy (drawing a plot, descheduled on a
+loaded machine). An inner loop of 21 batches lasts about 50 ms and starts over every
+epoch. `worker_events` writes the message stream of rank 0's nested `progress()` loops
+(a message when a loop starts, then one after an item when `PROGRESS_INTERVAL` passed
+and one at the end); `received` stamps it as a parent reading every ``every`` seconds
+would.
+"""
+
+import math
+
+import pytest
+
+from notebook_launcher.reporting import PROGRESS_INTERVAL
+from notebook_launcher.state import Progress, RunState, Started
+from notebook_launcher.ui import html as fragments
+
+
+def new_state():
+    state = RunState(world_size=2, local_ranks=[0, 1], backend="gloo", device="cpu", start_method="fork")
+    state.apply(Started(0.0, {0: 10, 1: 11}))
+    return state
+
+
+def loop_messages(t, items, item_seconds, desc, depth):
+    """(worker time, n, total, desc, depth) of one `progress()` loop; returns them and its end time."""
+    messages, last = [(t, 0, items, desc, depth)], 0.0
+    for n in range(1, items + 1):
+        t += item_seconds
+        if t - last >= PROGRESS_INTERVAL or n == items:
+            messages.append((t, n, items, desc, depth))
+            last = t
+    return messages, t
+
+
+def worker_events(epochs, batches, batch_seconds, pause):
+    """Epochs of ``batches`` items each, ``pause`` seconds (an evaluation) after each epoch."""
+    messages, t, last = [(0.0, 0, epochs, "epoch", 0)], 0.0, 0.0
+    for epoch in range(1, epochs + 1):
+        inner, t = loop_messages(t, batches, batch_seconds, "batch", 1)
+        messages += inner
+        t += pause
+        if t - last >= PROGRESS_INTERVAL or epoch == epochs:
+            messages.append((t, epoch, epochs, "epoch", 0))
+            last = t
+    return messages
+
+
+def received(messages, every):
+    """Progress events stamped when a parent that reads every ``every`` seconds (0: at once) gets them."""
+    events = []
+    for index, (t, n, total, desc, depth) in enumerate(messages):
+        read_at = math.ceil(t / every) * every if every else t
+        events.append(Progress(0, n, total, desc, depth, read_at + 20e-6 + index * 1e-6))
+    return events
+
+
+@pytest.mark.parametrize("every", [0.0, 0.1, 0.3])
+def test_an_inner_bar_restarting_every_epoch_shows_its_batches_per_second(every):
+    """12 epochs of 21 batches at 2.4 ms each (the quickstart's pace): about 400 batches a second."""
+    state = new_state()
+    true_rate = 21 / (21 * 0.0024 + 0.001)                  # an epoch: its batches and a 1 ms evaluation
+    shown = []
+    for event in received(worker_events(12, 21, 0.0024, 0.001), every):
+        state.apply(event)
+        if state.bars()[-1].desc == "batch":
+            shown.append(state.bars()[-1].rate)
+    rates = [rate for rate in shown if rate is not None]
+    assert rates, "no rate was ever shown"
+    # Over the first half second the parent's read delays are most of the span: no rate yet.
+    assert shown[: len(shown) // 3] == [None] * (len(shown) // 3)
+    spread = 0.25 if every <= 0.1 else 1.0                  # a busy parent: still the right order
+    assert all(abs(rate / true_rate - 1) <= spread for rate in rates), (min(rates), max(rates), true_rate)
+    inner = state.bars()[-1]
+    assert inner.rate == pytest.approx(true_rate, rel=0.15 if every <= 0.1 else 0.5)   # the whole run
+    assert f"{inner.rate:,.0f} it/s" in fragments.bar_stats(inner)
+
+
+def test_no_rate_from_a_few_microseconds():
+    """Three messages of one short epoch read in one go: 21 items in 40 microseconds."""
+    state = new_state()
+    for n, t in ((0, 5.00000), (1, 5.00002), (21, 5.00004)):
+        state.apply(Progress(0, n, 21, "batch", 0, t))
+    bar = state.bars()[0]
+    assert bar.rate is None and bar.eta is None
+    assert "? it/s" in fragments.bar_stats(bar)
+
+
+def test_a_long_evaluation_between_epochs_is_left_out_of_the_rate():
+    """2 s of batches at 50 a second, then a 3 s evaluation, five times: the bar shows 50 it/s."""
+    state = new_state()
+    for event in received(worker_events(5, 100, 0.02, 3.0), 0.1):
+        state.apply(event)
+        bar = state.bars()[-1]
+        if bar.desc == "batch" and bar.n == 50 and event.t > 10:   # mid-epoch, the window spans restarts
+            assert bar.rate == pytest.approx(50.0, rel=0.1)
+            assert bar.eta == pytest.approx(1.0, rel=0.15)
+    assert state.bars()[-1].rate == pytest.approx(50.0, rel=0.1)
+
+
+def test_another_loop_at_the_same_depth_has_a_rate_of_its_own():
+    """Training batches (fast), then validation batches (slow) at the same depth: no shared rate."""
+    state = new_state()
+    for event in received(loop_messages(0.0, 1000, 0.002, "train", 0)[0], 0.0):
+        state.apply(event)
+    assert state.bars()[0].rate == pytest.approx(500.0, rel=0.05)
+    for event in received(loop_messages(2.5, 20, 0.1, "validation", 0)[0], 0.0):
+        state.apply(event)
+    bar = state.bars()[0]
+    assert bar.desc == "validation" and bar.rate == pytest.approx(10.0, rel=0.05)
+
+
+def test_a_restart_keeps_the_bar_and_drops_the_bars_inside_it():
+    state = new_state()
+    for event in received(worker_events(3, 10, 0.01, 0.0), 0.0):
+        state.apply(event)
+    outer, inner = state.bars()
+    assert (outer.n, inner.n) == (3, 10)
+    state.apply(Progress(0, 0, 3, "epoch", 0, 1.0))        # the same outer loop once more
+    assert state.bars() == [outer] and outer.n == 0 and outer.started_at == 1.0
