@@ -196,3 +196,54 @@ def test_04_kaggle_colab_multi_gpu(tmp_path):
     assert result["final_loss"] < 0.5
     assert_saved_notebook_is_static(nb, tmp_path)
     assert seconds < 90
+
+
+def rank_values(c) -> dict:
+    """{rank: value} of a ``%%dist`` cell's last expression, shown as ``Out[rank R]: repr``."""
+    shown = re.findall(r"^Out\[rank (\d+)\]: (.*)$", text(c, "stdout"), re.MULTILINE)
+    return {int(rank): ast.literal_eval(value) for rank, value in shown}
+
+
+def test_05_interactive_session(tmp_path):
+    nb, seconds = execute("05-interactive-session.ipynb", tmp_path)
+    assert text(cell(nb, "start")).startswith("Session started: 2 CPU processes (gloo, fork)")
+    assert "Out[rank 0]: torch.Size([700, 64])\nOut[rank 1]: torch.Size([700, 64])" in text(cell(nb, "model"))
+
+    train = cell(nb, "train")
+    assert error(train) is None
+    assert "succeeded" in final_summary(train)["text/html"] and "3/3" in final_summary(train)["text/html"]
+    assert any("image/png" in d for d in displays(train)), "no loss plot in the cell's summary"
+    assert "[rank0]: step 63: loss" in text(train)
+
+    inspected = rank_values(cell(nb, "inspect"))
+    assert sorted(inspected) == [0, 1]
+    assert inspected[0]["weight sum"] == inspected[1]["weight sum"]    # DDP kept the ranks in step
+    assert inspected[0]["last loss"] != inspected[1]["last loss"]      # each rank trained on its own shard
+    assert inspected[0]["steps"] == inspected[1]["steps"] == 63
+
+    mistake = error(cell(nb, "mistake"))
+    assert mistake is not None and mistake.ename == "WorkerError"
+    assert mistake.evalue.startswith("rank 1 failed: IndexError: index 700 is out of bounds")
+    assert "probe = xs[len(xs) - 1 + rank]" in mistake.evalue           # the cell's own line
+    shown = "\n".join(mistake.traceback)
+    assert "session.py" not in shown and "magics.py" not in shown      # the rank's traceback, not ours
+    assert rank_values(cell(nb, "after-mistake")) == {0: {"steps": 63, "probe defined": True},
+                                                      1: {"steps": 63, "probe defined": False}}
+
+    more = cell(nb, "train-more")
+    assert "succeeded" in final_summary(more)["text/html"]
+    last_reported = float(re.search(r"\[rank0\]: step 105: loss [\d.]+, test accuracy ([\d.]+)", text(more)).group(1))
+    pulled = float(re.search(r"computed in the notebook: ([\d.]+)", text(cell(nb, "evaluate"))).group(1))
+    assert pulled > 0.9
+    assert pulled == pytest.approx(last_reported, abs=1e-3)           # the weights came back intact
+
+    stuck = error(cell(nb, "stuck"))
+    assert stuck is not None and stuck.evalue.startswith("rank 1 failed: RuntimeError: rank 1 never joins")
+    restarted = cell(nb, "restarted")
+    notice = text(restarted, "stderr").strip().splitlines()
+    assert len(notice) == 1 and "session was broken" in notice[0] and "starting fresh ranks" in notice[0]
+    assert rank_values(restarted) == {r: {"model still here": False, "world size": 2} for r in (0, 1)}
+
+    assert "Session stopped: 2 ranks ended.\nprocesses left: []" in text(cell(nb, "stop"))
+    assert_saved_notebook_is_static(nb, tmp_path)
+    assert seconds < 60
