@@ -37,6 +37,8 @@ def notebook_launcher(
     on_stall: str = "warn",
     rdzv_timeout: float = 600.0,
     block: bool = True,
+    log_with: Any = None,
+    project_name: Optional[str] = None,
 ) -> Any:
     """Run ``function(*args, **kwargs)`` in ``num_processes`` workers wired into one
     ``torch.distributed`` job, and return rank 0's return value.
@@ -75,6 +77,10 @@ def notebook_launcher(
         on_stall: "warn" (show the stacks, keep running) or "raise" (stop the run and
             raise WorkerError carrying the stacks).
         rdzv_timeout: several machines: seconds to wait for every node to arrive.
+        log_with, project_name: experiment trackers ("tensorboard", "mlflow", "wandb",
+            "trackio", a list, or "all") that every rank-0 ``report()`` is written to, in
+            this notebook process (one run per attempt). ``Accelerator(log_with=...)``
+            inside the function works without these.
 
     Raises:
         WorkerError: a worker failed. ``.rank`` is the rank that failed first,
@@ -103,7 +109,7 @@ def notebook_launcher(
         log_line_prefix_template=log_line_prefix_template, start_method=start_method,
         backend=backend, device=device, return_all=return_all, display=display,
         stall_timeout=stall_timeout, on_stall=on_stall, rdzv_timeout=rdzv_timeout,
-        rdzv_id=rdzv_id, rdzv_conf=rdzv_conf,
+        rdzv_id=rdzv_id, rdzv_conf=rdzv_conf, log_with=log_with, project_name=project_name,
     )
     for note in config.notes:
         print(note, file=sys.stderr)

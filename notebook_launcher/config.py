@@ -57,6 +57,8 @@ class LaunchConfig:
     rdzv_conf: dict = field(default_factory=dict)
     extra_env: dict = field(default_factory=dict)  # set in every worker (e.g. NCCL quirks)
     notes: tuple = ()                              # one-line messages for the person, printed at launch
+    log_with: tuple = ()                           # trackers every rank-0 report() is written to
+    project_name: Optional[str] = None             # their run's project
 
     @property
     def world_size(self) -> int:
@@ -87,7 +89,8 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
             log_line_prefix_template: Any = None, start_method: Any = "auto", backend: Any = "auto",
             device: Any = "auto", return_all: bool = False, display: str = "auto",
             stall_timeout: Any = None, on_stall: Any = "warn", rdzv_timeout: Any = 600,
-            rdzv_id: Any = "none", rdzv_conf: Any = None) -> LaunchConfig:
+            rdzv_id: Any = "none", rdzv_conf: Any = None, log_with: Any = None,
+            project_name: Optional[str] = None) -> LaunchConfig:
     """Check every option and decide every "auto"; raises `LaunchConfigError` saying what to do.
 
     ``function`` is None for a `Session`, whose tasks come later.
@@ -136,6 +139,9 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
     stall_timeout = None if stall_timeout is None else _seconds("stall_timeout", stall_timeout)
     rdzv_timeout = _seconds("rdzv_timeout", rdzv_timeout)
 
+    from .trackers import check_installed
+
+    log_with = check_installed(log_with) if log_with is not None else ()  # a missing package: before any process
     env = environment.detect()
     device_type = _device_type(device, env)
     nproc = _nproc(num_processes, device_type, env)
@@ -158,6 +164,7 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
         on_stall=on_stall, rdzv_timeout=rdzv_timeout, environment=env,
         extra_env=extra_env, notes=tuple(n for n in (reason, *notes) if n),
         rdzv_backend=rdzv_backend, rdzv_id=str(rdzv_id), rdzv_conf=dict(rdzv_conf or {}),
+        log_with=tuple(log_with), project_name=project_name,
     )
 
 

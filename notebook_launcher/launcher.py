@@ -33,6 +33,7 @@ from .errors import WorkerError
 from .monitor import RankIO, StallWatch, Supervisor
 from .serialization import dumps_task, loads_result
 from .state import Finished, RunState, RunStatus
+from .trackers import TrackerHub
 from .ui.base import View
 from .workers.bootstrap import InheritedFds, WorkerSpec
 from .workers.processes import (resource_tracker_running, start_workers, stop_resource_tracker, stop_workers)
@@ -41,6 +42,7 @@ from .workers.tasks import Call
 
 TEARDOWN_GRACE = 1.0   # seconds between SIGTERM and SIGKILL
 ROOT_EXIT_WAIT = 0.5   # let a rank that reported an error exit by itself, for its real exit code
+TRACKER_HUB_WIRED = True  # rank 0's tracker messages reach a TrackerHub in this process
 EXIT_GRACE = 10.0      # after every rank returned, how long they may take to exit (NCCL teardown)
 FIRST_TASK = 1         # task id of a one-shot launch's task
 
@@ -137,13 +139,14 @@ def start_attempt(config: LaunchConfig, view: View, attempt: int) -> Attempt:
     return Attempt(ranks, view, state)
 
 
-def supervise(run: Attempt, stop: Optional[threading.Event] = None, sinks: tuple = ()) -> Any:
+def supervise(run: Attempt, stop: Optional[threading.Event] = None) -> Any:
     """Watch a started attempt to its end (any thread); always tears it down."""
     config, state = run.ranks.config, run.state
     status, failure = RunStatus.FAILED, None
+    hub = TrackerHub(config.log_with or None, config.project_name, attempt=state.attempt)
     try:
         supervisor = Supervisor(run.ranks.io, state, run.view, FIRST_TASK, tick=config.tick,
-                                stall=run.ranks.stall_watch(), stop=stop, sinks=sinks)
+                                stall=run.ranks.stall_watch(), stop=stop, sinks=(hub,))
         try:
             outcome = supervisor.run()
         finally:
@@ -163,7 +166,7 @@ def supervise(run: Attempt, stop: Optional[threading.Event] = None, sinks: tuple
         raise
     finally:
         teardown(run.ranks, graceful=status == RunStatus.SUCCEEDED)
-        finish_view(run.view, state, status, failure)
+        finish_view(run.view, state, status, failure, hub)
 
 
 def launch(config: LaunchConfig, make_view: Callable[[int], View], *, first: Optional[Attempt] = None,
@@ -184,10 +187,12 @@ def launch(config: LaunchConfig, make_view: Callable[[int], View], *, first: Opt
             attempt = start_attempt(config, make_view(number), number)
 
 
-def finish_view(view: View, state: RunState, status: RunStatus, failure) -> None:
-    """The call's end, in the state and on the view (never hiding the call's own outcome)."""
+def finish_view(view: View, state: RunState, status: RunStatus, failure, hub=None) -> None:
+    """The call's end: its trackers closed as ``status``, the state and the view told
+    (never hiding the call's own outcome)."""
     with interrupts_deferred():
-        for step in (lambda: state.apply(Finished(status, time.monotonic(), failure)),
+        for step in (lambda: hub is not None and hub.close(status),
+                     lambda: state.apply(Finished(status, time.monotonic(), failure)),
                      lambda: view.finish(state)):
             try:
                 step()

@@ -37,6 +37,7 @@ from .launcher import Ranks, collect, finish_view, interrupts_deferred, notebook
 from .monitor import Supervisor
 from .serialization import dumps_task
 from .state import RunState, RunStatus, Status
+from .trackers import TrackerHub
 from .ui import make_view, resolve_display
 from .ui.base import View
 from .workers import tasks
@@ -279,8 +280,10 @@ class Session:
         self._sent_sources.update(sources)
         state = self.state = self._new_state(targets)
         view = self._view()
+        hub = TrackerHub()  # a call that runs init_trackers gets its own tracker run, closed with the call
         supervisor = Supervisor([io for io in self._ranks.io if io.rank in targets], state, view, task_id,
-                                persistent=True, tick=self.config.tick, stall=self._ranks.stall_watch())
+                                persistent=True, tick=self.config.tick, stall=self._ranks.stall_watch(),
+                                sinks=(hub,))
         self.status = SessionStatus.RUNNING
         status, failure = RunStatus.FAILED, None
         try:
@@ -305,7 +308,7 @@ class Session:
         finally:
             if self.status == SessionStatus.RUNNING:
                 self.status = SessionStatus.IDLE
-            finish_view(view, state, status, failure)
+            finish_view(view, state, status, failure, hub)
 
     def _interrupt(self, supervisor: Supervisor) -> None:
         """Forward the Interrupt to the ranks still in the task; break the session if
