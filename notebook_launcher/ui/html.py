@@ -15,6 +15,7 @@ from ..state import ProgressState, RunState, format_duration, format_rate, forma
 STATUS_LOOK = {   # status -> (symbol, colour)
     "starting": ("◌", "#7f7f7f"),
     "running": ("●", "#1f77b4"),
+    "stuck": ("◐", "#e67e00"),
     "succeeded": ("✔", "#2ca02c"),
     "done": ("✔", "#2ca02c"),
     "failed": ("✖", "#d62728"),
