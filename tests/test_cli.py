@@ -72,7 +72,9 @@ def test_test_command_fails_with_exit_status_1_when_the_process_group_cannot_for
     # gloo cannot bind to a network interface that does not exist: a real failure, on every rank
     out = cli("test", "-n", "2", "--device", "cpu", env={"GLOO_SOCKET_IFNAME": "nosuchif0"})
     assert out.returncode == 1, out.stdout + out.stderr
-    assert out.stdout.startswith("FAIL: rank "), out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("accelerate config: "), out.stdout   # the config in effect comes first
+    assert lines[1].startswith("FAIL: rank "), out.stdout
     assert "nosuchif0" in out.stdout
 
 
