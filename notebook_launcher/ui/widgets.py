@@ -211,7 +211,10 @@ class WidgetsView(View):
         png = plotter.render(state.series, names, self.smoothing.value, self.log_scale.value, final=final)
         spent = time.perf_counter() - started
         self._plot_at = now
-        self._plot_interval = max(PLOT_INTERVAL, spent / PLOT_DUTY)
+        if self.png is not None:
+            # The first frame's cost is mostly one-off (fonts, layout: 0.4 s on a busy core),
+            # so the pace follows what the frames after it cost.
+            self._plot_interval = max(PLOT_INTERVAL, spent / PLOT_DUTY)
         if png is not None:
             self.png = png
             self.plot_renders += 1
