@@ -110,3 +110,46 @@ def test_sticky_limits_follow_the_data():
     assert 3.5 < low < 4.0 and 4.5 < high < 5.0
     low, high = _y_limits([1e-4, 1.0], (1e-3, 2.0), "log", force=False)
     assert low < 1e-4 and high == 2.0
+
+
+def line_columns(png, axes, colour):
+    """The pixel columns, as fractions of the axes' width, where ``colour`` is drawn inside ``axes``."""
+    image = decode(png).convert("RGB")
+    box = axes.get_window_extent()
+    height = image.size[1]
+    left, right = int(box.x0), int(box.x1)
+    top, bottom = int(height - box.y1), int(height - box.y0)
+    target = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    columns = set()
+    for x in range(left, right):
+        for y in range(top, bottom):
+            pixel = image.getpixel((x, y))
+            if sum(abs(a - b) for a, b in zip(pixel, target)) < 60:
+                columns.add((x - left) / (right - left))
+                break
+    return columns
+
+
+def test_the_final_picture_is_fitted_to_the_data():
+    """Live, a 252-step run is drawn on sticky limits rounded up to 500; the final picture
+    (kept in the saved notebook) ends where the data end."""
+    from notebook_launcher.ui.plot import COLORS, HEADROOM
+
+    plot = MetricsPlot()
+    series = {"loss": Series()}
+    for step in range(252):
+        series["loss"].add(step, 2.4 - step / 500 + 0.05 * math.sin(step))
+        if step % 25 == 24:
+            plot.render(series, smoothing=0.0)
+    live = plot.render(series, smoothing=0.0)
+    axes = plot.figure.axes[0]
+    assert axes.get_xlim() == (0.0, 500.0)
+    assert max(line_columns(live, axes, COLORS[0])) < 0.55         # the curve stops halfway
+    final = plot.render(series, smoothing=0.0, final=True)
+    low, high = axes.get_xlim()
+    assert low == 0.0 and 251 <= high <= 252
+    assert max(line_columns(final, axes, COLORS[0])) > 0.97        # the curve reaches the right edge
+    bottom, top = axes.get_ylim()                                  # y fitted too: only the headroom
+    low, high = series["loss"].low, series["loss"].high
+    assert low - 1.5 * HEADROOM * (high - low) < bottom < low
+    assert high < top < high + 1.5 * HEADROOM * (high - low)

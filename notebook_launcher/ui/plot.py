@@ -6,8 +6,9 @@ calls): a `Figure` with an Agg canvas is drawn and encoded in the calling thread
 A live plot is redrawn often while workers compete for the same cores, so a render
 must be cheap. Axes, ticks and grid are drawn once and kept as a background; a
 render only restores it and draws the lines and titles over it ("blitting", a few
-milliseconds). Axis limits are sticky, rounded up (x to 1-2-5 steps, y with headroom),
-so the full, costly redraw happens only when the data leave them. The PNG is
+milliseconds). Live axis limits are sticky, rounded up (x to 1-2-5 steps, y with
+headroom), so the full, costly redraw happens only when the data leave them; the final
+render is fitted to the data. The PNG is
 palette-encoded, which keeps it small (10-20 KB) in the saved notebook.
 """
 
@@ -172,8 +173,10 @@ class MetricsPlot:
         # From 0 when the run started there (the first kept point of a downsampled series
         # stands for a few steps past 0); from its first step for a resumed run.
         first = 0 if 0 <= steps[0] <= 0.2 * steps[-1] else steps[0]
-        xlim = _x_limits(first, steps[-1])
-        ylim = _y_limits(drawn, axes.get_ylim(), scale, force=moved) if drawn else axes.get_ylim()
+        # Live limits are rounded up and sticky (cheap frames); the final picture, which the
+        # saved notebook keeps, is fitted to the data (a 252-step run ends at 252, not 500).
+        xlim = (float(first), float(max(steps[-1], first + 1))) if final else _x_limits(first, steps[-1])
+        ylim = _y_limits(drawn, axes.get_ylim(), scale, force=moved or final) if drawn else axes.get_ylim()
         if xlim != tuple(axes.get_xlim()):
             axes.set_xlim(*xlim)
             moved = True
