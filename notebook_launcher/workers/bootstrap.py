@@ -313,6 +313,8 @@ def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> None:
     # task (ipykernel may have left SIGINT ignored in the process we were forked from).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.update(spec.env)
+    from .noninteractive import behave_as_a_script
+    behave_as_a_script()  # a forked kernel's sys.ps1 would make Lightning refuse ddp
     import torch
 
     torch.set_num_threads(spec.num_threads)
