@@ -210,3 +210,18 @@ def test_the_first_frames_one_off_cost_does_not_delay_the_second():
         view.refresh(state)
         clock.t += PLOT_INTERVAL
     assert len(pngs) == 2
+
+
+def test_the_hint_goes_before_the_table_lists_a_metric():
+    """Each trait change is a message to the browser, and a first frame can take 0.3 s to
+    draw: JupyterLab showed "No metrics yet" beside a table listing the loss meanwhile."""
+    clock = Clock()
+    host, view, state = started(clock)
+    sent = []
+    view.tables.observe(lambda change: sent.append(("table lists loss", "loss" in change["new"])), names="value")
+    view.plot_hint.layout.observe(lambda change: sent.append(("hint", change["new"])), names="display")
+    view.image.observe(lambda change: sent.append(("frame", len(change["new"]) > 0)), names="value")
+    clock.t += 1.0                                       # the table's throttle lets it through
+    state.apply(Metrics(0, 0, {"loss": 1.0}, clock.t))
+    view.refresh(state)
+    assert sent == [("hint", "none"), ("table lists loss", True), ("frame", True)]

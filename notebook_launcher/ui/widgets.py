@@ -145,6 +145,10 @@ class WidgetsView(View):
         if state.progress_version != self._progress_seen and (force or self._bar_values.ready(now)):
             self._progress_seen = state.progress_version
             self._update_bars(state, texts=force)
+        if state.series:
+            # The hint goes with the first metric, before the table lists it and before the
+            # first frame is drawn (which can take 0.3 s): never the hint beside a metric.
+            self.plot_hint.layout.display = "none"
         if force or self._texts.ready(now):
             self._update_bars(state, texts=True)
             self.tables.value = self._tables_html(state)
@@ -220,7 +224,6 @@ class WidgetsView(View):
             self.plot_renders += 1
             self.image.value = png
             self.image.layout.display = "block"
-            self.plot_hint.layout.display = "none"
         return png
 
     # ------------------------------------------------------------- controls (kernel's main thread)
