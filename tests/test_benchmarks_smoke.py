@@ -61,3 +61,21 @@ def test_launch_row_from_a_jupyter_kernel():
     line = table_line(output, "kernel", "all ranks in fn", "2")
     assert len(re.findall(NUMBER, line)) == 2  # ours and the bare os.fork floor
     assert "2. From a rank raising" not in output
+
+
+@pytest.mark.timeout(150)
+def test_session_cell_benchmark_from_a_jupyter_kernel():
+    # Ours only (the peers are benchmark-only extras): every row of ours has a median.
+    script = os.path.join(REPO, "benchmarks", "session_cell.py")
+    result = subprocess.run([sys.executable, script, "--samples", "3", "--warmup", "1", "--peers", "none"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout
+    assert output.startswith("Machine: ") and "LEFT BEHIND" not in output
+    assert re.search(NUMBER, table_line(output, "plain", "cell:", "pass", "ours", "3"))
+    for cells in (("%%dist", "cell:", "x", "=", "1"), ("session.run(trivial)",),
+                  ("notebook_launcher(trivial),", "one-shot")):
+        line = table_line(output, *cells, "ours", "3")
+        assert re.search(r"[+-]" + NUMBER, line), line                    # its overhead over the plain cell
+    assert "Not installed" not in output and "ipyparallel" not in output  # --peers none measures no peer
+    assert re.search(r"Targets: %%dist cell: x = 1: < 3 ms over plain: (ok|MISS); session.run", output)
