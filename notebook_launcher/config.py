@@ -249,22 +249,26 @@ def _backend(backend: Any, device_type: str) -> str:
 
 def _start_method(asked: str, env: environment.Environment, device_type: str) -> tuple[str, str]:
     can_fork = sys.platform.startswith("linux") or sys.platform == "darwin" and device_type == "cpu"
+    # What initialized CUDA, so the person can move that line instead of guessing.
+    cause = f" (first by {env.cuda_init_origin})" if env.cuda_init_origin else (
+        " (before notebook_launcher was imported, so the line is not known: import it first to have it named)")
     if asked == "fork":
         if not can_fork:
             raise LaunchConfigError(f"start_method='fork' is not available on {sys.platform}; use 'spawn'.")
         if env.cuda_initialized and device_type == "cuda":
             raise LaunchConfigError(
-                "CUDA is already initialized in this kernel, so forked workers could not use the GPU. "
-                "Use start_method='spawn' (or 'auto'), or restart the kernel and keep CUDA calls "
-                "inside the launched function."
+                f"CUDA is already initialized in this kernel{cause}, so forked workers could "
+                "not use the GPU. Use start_method='spawn' (or 'auto'), or restart the kernel and keep CUDA "
+                "calls inside the launched function."
             )
         return "fork", ""
     if asked == "spawn":
         return "spawn", ""
     if env.cuda_initialized:
         return "spawn", (
-            "CUDA is already initialized in this kernel, so workers start with spawn instead of "
-            "fork (a few seconds slower; the function and its arguments travel with dill)."
+            f"CUDA is already initialized in this kernel{cause}, so workers start with spawn "
+            "instead of fork (a few seconds slower; the function and its arguments travel with dill). "
+            "To keep fork, move that CUDA call into the launched function or after the launch."
         )
     if not can_fork:
         return "spawn", ""

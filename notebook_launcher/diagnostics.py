@@ -1,9 +1,10 @@
 """What `python -m notebook_launcher env` and `... test` look at.
 
 `collect()` gathers facts about this machine as plain data (`Report`); `cli` prints it.
-Nothing here initializes CUDA in this process: GPUs are listed through NVML (the
-driver's management library, loaded with ctypes) or ``nvidia-smi``, never through the
-CUDA runtime, so running ``env`` inside a notebook kernel keeps later forks safe.
+Nothing here initializes CUDA in this process: the GPU facts (inventory, what
+CUDA_VISIBLE_DEVICES shows, peer-to-peer) come from `environment`, the same functions
+the launch decides with, through NVML or ``nvidia-smi``, never the CUDA runtime, so
+running ``env`` inside a notebook kernel keeps later forks safe.
 
 `collective_check` is the function that ``test`` launches on every rank: a real
 all_reduce, all_gather and broadcast, with the expected answers checked on each rank.
@@ -11,12 +12,9 @@ all_reduce, all_gather and broadcast, with the expected answers checked on each 
 
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import os
 import platform as _platform
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,52 +22,8 @@ from typing import Optional
 
 from . import environment
 
-NVML_LIBRARY = "libnvidia-ml.so.1"
-NVML_P2P_CAPS_INDEX_READ = 0      # nvmlGpuP2PCapsIndex_t: can one GPU read the other's memory
-NVML_P2P_STATUS_OK = 0
-NVIDIA_SMI_TIMEOUT = 15.0         # seconds; a wedged driver must not hang `env`
-
 
 # ----------------------------------------------------------------- plain data
-@dataclass
-class Gpu:
-    index: int                     # index as NVML counts (all GPUs of the machine)
-    name: str
-    memory_mib: Optional[int] = None
-    uuid: str = ""
-    compute_capability: str = ""   # "8.0" on an A100; bf16 needs 8.0 or more
-
-    @property
-    def bf16(self) -> Optional[bool]:
-        """bf16 autocast is fast here (Ampere or newer); None when unknown."""
-        major = self.compute_capability.split(".")[0]
-        return int(major) >= 8 if major.isdigit() else None
-
-
-@dataclass
-class GpuInventory:
-    source: str = "none"           # "nvml" | "nvidia-smi" | "none"
-    driver: str = ""
-    gpus: list = field(default_factory=list)       # every GPU of the machine, [Gpu]
-    visible: list = field(default_factory=list)    # indices this process may use (CUDA_VISIBLE_DEVICES)
-    p2p: dict = field(default_factory=dict)        # "i-j" -> True/False (NVML read capability), visible pairs
-    error: str = ""
-
-    @property
-    def p2p_summary(self) -> str:
-        """"all pairs" | "none" | "3 of 6 pairs" | "n/a (one GPU)" | "unknown"."""
-        if len(self.visible) < 2:
-            return "n/a (fewer than 2 GPUs)"
-        if not self.p2p:
-            return "unknown"
-        good = sum(self.p2p.values())
-        if good == len(self.p2p):
-            return "all pairs"
-        if good == 0:
-            return "none"
-        return f"{good} of {len(self.p2p)} pairs"
-
-
 @dataclass
 class WidgetSupport:
     ipywidgets: Optional[str]          # installed versions, None = missing
@@ -93,7 +47,8 @@ class Report:
     cuda_visible_devices: Optional[str]
     visible_gpu_count: int         # what torch (and so the launcher) sees
     cuda_initialized: bool         # this process holds a CUDA context (must stay False here)
-    gpus: GpuInventory
+    gpus: environment.GpuInventory
+    p2p: Optional[bool]            # environment.p2p_supported: the answer the launch acts on
     widgets: WidgetSupport
     default_launch: str            # what `notebook_launcher(fn)` would start here
     hints: list = field(default_factory=list)
@@ -109,13 +64,13 @@ def collect() -> Report:
     Example::
 
         report = collect()
-        report.visible_gpu_count, report.gpus.p2p_summary, report.widgets.ok
+        report.visible_gpu_count, report.p2p, report.widgets.ok
     """
     import torch
     import torch.distributed as dist
 
     env = environment.detect()
-    gpus = gpu_inventory()
+    gpus = environment.gpu_inventory()
     report = Report(
         python=sys.version.split()[0],
         os=f"{_platform.system()} {_platform.release()} ({_platform.machine()})",
@@ -129,6 +84,7 @@ def collect() -> Report:
         visible_gpu_count=env.gpu_count,
         cuda_initialized=environment.cuda_initialized(),
         gpus=gpus,
+        p2p=environment.p2p_supported(gpus),
         widgets=widget_support(env.platform),
         default_launch=default_launch(),
     )
@@ -148,134 +104,6 @@ def nccl_version() -> Optional[str]:
     except Exception:
         return None
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-
-
-def gpu_inventory() -> GpuInventory:
-    """GPUs through NVML, else ``nvidia-smi``; an empty inventory on machines without either."""
-    inventory = _from_nvml()
-    if inventory.source == "none":
-        fallback = _from_nvidia_smi()
-        if fallback.source != "none" or not inventory.error:
-            inventory = fallback
-    inventory.visible = visible_indices(inventory.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    return inventory
-
-
-def visible_indices(gpus: list, cuda_visible_devices: Optional[str]) -> list:
-    """Indices of ``gpus`` that CUDA_VISIBLE_DEVICES lets a process use, in CUDA's order.
-
-    Entries are indices or UUID prefixes (``GPU-1a2b...``); as in CUDA, the list stops at
-    the first entry that names no GPU.
-
-    Example::
-
-        visible_indices(gpus_of_an_8_gpu_box, "3,1")   # [3, 1]
-    """
-    if cuda_visible_devices is None:
-        return [gpu.index for gpu in gpus]
-    chosen: list = []
-    for entry in cuda_visible_devices.split(","):
-        entry = entry.strip()
-        match = None
-        if entry.isdigit():
-            match = next((g.index for g in gpus if g.index == int(entry)), None)
-        elif entry:
-            match = next((g.index for g in gpus if g.uuid and g.uuid.startswith(entry)), None)
-        if match is None or match in chosen:
-            break
-        chosen.append(match)
-    return chosen
-
-
-def _from_nvml() -> GpuInventory:
-    try:
-        nvml = ctypes.CDLL(NVML_LIBRARY)
-    except OSError:
-        return GpuInventory()
-    try:
-        return _query_nvml(nvml)
-    except AttributeError as exc:  # a driver too old for one of the calls: nvidia-smi may still work
-        return GpuInventory(error=f"NVML lacks {exc}")
-
-
-def _query_nvml(nvml) -> GpuInventory:
-    if nvml.nvmlInit_v2() != 0:
-        return GpuInventory(error="NVML is installed but did not initialize (driver not loaded?)")
-    try:
-        buffer = ctypes.create_string_buffer(96)
-        driver = buffer.value.decode() if nvml.nvmlSystemGetDriverVersion(buffer, 96) == 0 else ""
-        count = ctypes.c_uint(0)
-        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
-            return GpuInventory(source="nvml", driver=driver, error="NVML could not count the GPUs")
-        handles, gpus = [], []
-        for index in range(count.value):
-            handle = ctypes.c_void_p()
-            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
-                continue
-            handles.append((index, handle))
-            gpus.append(Gpu(index, _nvml_string(nvml.nvmlDeviceGetName, handle),
-                            _nvml_memory_mib(nvml, handle), _nvml_string(nvml.nvmlDeviceGetUUID, handle),
-                            _nvml_capability(nvml, handle)))
-        inventory = GpuInventory(source="nvml", driver=driver, gpus=gpus)
-        visible = set(visible_indices(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")))
-        for a, handle_a in handles:
-            for b, handle_b in handles:
-                if a < b and a in visible and b in visible:
-                    status = ctypes.c_int(-1)
-                    code = nvml.nvmlDeviceGetP2PStatus(handle_a, handle_b, NVML_P2P_CAPS_INDEX_READ,
-                                                       ctypes.byref(status))
-                    if code == 0:
-                        inventory.p2p[f"{a}-{b}"] = status.value == NVML_P2P_STATUS_OK
-        return inventory
-    finally:
-        nvml.nvmlShutdown()
-
-
-def _nvml_string(getter, handle) -> str:
-    buffer = ctypes.create_string_buffer(96)
-    return buffer.value.decode(errors="replace") if getter(handle, buffer, 96) == 0 else ""
-
-
-class _NvmlMemory(ctypes.Structure):
-    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
-
-
-def _nvml_memory_mib(nvml, handle) -> Optional[int]:
-    memory = _NvmlMemory()
-    if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
-        return None
-    return memory.total // 2**20
-
-
-def _nvml_capability(nvml, handle) -> str:
-    major, minor = ctypes.c_int(0), ctypes.c_int(0)
-    if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0:
-        return ""
-    return f"{major.value}.{minor.value}"
-
-
-def _from_nvidia_smi() -> GpuInventory:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return GpuInventory()
-    query = [smi, "--query-gpu=index,name,memory.total,uuid,driver_version,compute_cap",
-             "--format=csv,noheader,nounits"]
-    try:
-        out = subprocess.run(query, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return GpuInventory(error=f"nvidia-smi failed: {exc}")
-    if out.returncode != 0:
-        return GpuInventory(error=f"nvidia-smi failed: {(out.stderr or out.stdout).strip()[:200]}")
-    inventory = GpuInventory(source="nvidia-smi")
-    for line in out.stdout.strip().splitlines():
-        fields = [part.strip() for part in line.split(",")]
-        if len(fields) < 5 or not fields[0].isdigit():
-            continue
-        memory = int(fields[2]) if fields[2].isdigit() else None
-        capability = fields[5] if len(fields) > 5 and fields[5][:1].isdigit() else ""
-        inventory.gpus.append(Gpu(int(fields[0]), fields[1], memory, fields[3], capability))
-        inventory.driver = fields[4]
-    return inventory
 
 
 def widget_support(where: Optional[str] = None) -> WidgetSupport:
@@ -357,7 +185,7 @@ def hints(report: Report) -> list:
         out.append("Colab: one GPU, so one GPU worker; device='cpu' runs 2 CPU workers to try multi-process code.")
     if report.gpus.gpus and report.visible_gpu_count == 0:
         out.append("GPUs are present but torch sees none: a CPU-only torch build, or CUDA_VISIBLE_DEVICES hides them.")
-    if report.visible_gpu_count > 1 and report.gpus.p2p and not all(report.gpus.p2p.values()):
+    if report.p2p is False:
         out.append("Some GPU pairs lack peer-to-peer access: the launcher sets NCCL_P2P_DISABLE=1 and "
                    "NCCL_IB_DISABLE=1 for the workers, and NCCL goes through host memory (slower).")
     if not report.widgets.ok:
@@ -388,14 +216,14 @@ def format_report(report: Report) -> str:
     ]
     for gpu in gpus.gpus:
         memory = f", {gpu.memory_mib / 1024:.0f} GiB" if gpu.memory_mib else ""
-        capability = f", compute {gpu.compute_capability} (bf16 {'yes' if gpu.bf16 else 'no'})" \
-            if gpu.compute_capability else ""
+        capability = f", compute {gpu.compute_capability:.1f} (bf16 {'yes' if gpu.has_bf16 else 'no'})" \
+            if gpu.compute_capability is not None else ""
         hidden = "" if gpu.index in gpus.visible else " (hidden by CUDA_VISIBLE_DEVICES)"
         rows.append((f"  GPU {gpu.index}", f"{gpu.name}{memory}{capability}{hidden}"))
     if report.cuda_visible_devices is not None:
         rows.append(("CUDA_VISIBLE_DEVICES", repr(report.cuda_visible_devices)))
     rows += [
-        ("peer-to-peer", gpus.p2p_summary),
+        ("peer-to-peer", p2p_text(gpus, report.p2p)),
         ("CUDA initialized here", "yes" if report.cuda_initialized else "no"),
         ("widgets dashboard", report.widgets.verdict),
         ("  versions", _widget_versions(report.widgets)),
@@ -405,6 +233,25 @@ def format_report(report: Report) -> str:
     lines = [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
     lines += [f"hint: {hint}" for hint in report.hints]
     return "\n".join(lines)
+
+
+def p2p_text(inventory: environment.GpuInventory, verdict: Optional[bool]) -> str:
+    """The ``peer-to-peer`` line: ``verdict`` (`environment.p2p_supported`) with the pair count.
+
+    Example::
+
+        p2p_text(inventory, environment.p2p_supported(inventory))   # "1 of 3 pairs (...)"
+    """
+    if len(inventory.visible) < 2:
+        return "n/a (fewer than 2 GPUs)"
+    good, known = sum(inventory.p2p.values()), len(inventory.p2p)
+    if verdict is None:
+        return f"unknown ({known} of {len(inventory.visible) * (len(inventory.visible) - 1) // 2} pairs known)" \
+            if known else "unknown"
+    if verdict:
+        return "all pairs"
+    fix = "launches set NCCL_P2P_DISABLE=1"
+    return f"none ({fix})" if good == 0 else f"{good} of {known} pairs ({fix})"
 
 
 def _gpu_count_text(report) -> str:

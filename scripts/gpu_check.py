@@ -7,6 +7,7 @@ CI has no GPU, so this is a script, not part of the test suite.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import traceback
@@ -18,6 +19,7 @@ from notebook_launcher import LaunchConfigError, WorkerError, notebook_launcher
 from notebook_launcher import environment
 
 RESULTS: list = []
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check(name):
@@ -121,9 +123,32 @@ def main() -> int:
             return str(err).splitlines()[0]
         raise AssertionError("no error")
 
+    @check("CUDA initialized in a kernel cell: the launch's spawn note names that cell and line")
+    def _():
+        sys.path.insert(0, REPO)
+        from benchmarks.kernel_runner import KernelRunner
+
+        with KernelRunner("gpu-check") as kernel:
+            kernel.execute("import torch\nfrom notebook_launcher import notebook_launcher")
+            out = kernel.execute("x = torch.ones(1, device='cuda')\n"
+                                 "print('value', notebook_launcher(lambda: 7, num_processes=1, display='none'))",
+                                 timeout=300)
+        assert out.ok, out.error
+        assert "value 7" in out.stdout, out.stdout
+        note = re.search(r"CUDA is already initialized in this kernel \(first by (cell In\[\d+\], line 1: "
+                         r"x = torch.ones\(1, device='cuda'\))\)", out.stdout)
+        assert note, out.stdout
+        return note.group(1)
+
     # From here on CUDA is initialized in this (parent) process.
     torch.zeros(1, device="cuda")
     assert torch.cuda.is_initialized()
+
+    @check("the first CUDA initialization of this process is named (file:line)")
+    def _():
+        origin = environment.cuda_init_origin()
+        assert 'gpu_check.py' in origin and 'torch.zeros(1, device="cuda")' in origin, origin
+        return origin
 
     @check("CUDA initialized in the parent: auto falls back to spawn and works")
     def _():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from notebook_launcher.diagnostics import Gpu, visible_indices, widget_support
+from notebook_launcher.diagnostics import widget_support
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,16 +100,6 @@ def test_demo_trains_on_the_digits_with_the_text_dashboard():
 
 
 # ----------------------------------------------------------------- pure helpers
-def test_visible_indices_follow_cuda_visible_devices():
-    gpus = [Gpu(i, "H100", 81559, f"GPU-{i}aaa{i}") for i in range(4)]
-    assert visible_indices(gpus, None) == [0, 1, 2, 3]
-    assert visible_indices(gpus, "3,1") == [3, 1]
-    assert visible_indices(gpus, "GPU-2aaa") == [2]
-    assert visible_indices(gpus, "") == []
-    assert visible_indices(gpus, "1,7,2") == [1]     # CUDA stops at the first invalid entry
-    assert visible_indices(gpus, "0,0") == [0]
-
-
 def test_widget_verdicts(monkeypatch):
     from notebook_launcher import diagnostics
 
