@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dashboard-script", choices=("auto", "on", "off"), default="auto",
                         help="also run benchmarks/dashboard_overhead.py (issue 3's measurement of row 4); "
                              "auto: on unless --quick")
+    parser.add_argument("--first-call", choices=("auto", "on", "off"), default="auto",
+                        help="also run benchmarks/first_call.py (the first call in fresh kernels, with the launch "
+                             "row); auto: on unless --quick")
     parser.add_argument("--no-warmup", action="store_true", help="count the first round too")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each case's time as it runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled case order")
@@ -197,15 +200,26 @@ def run_rounds(case_list: list, hosts: dict, repeats: int, warmup: bool, seed: i
 
 def dashboard_script(steps: int, rounds: int, timeout: float = 1200) -> str:
     """Output of benchmarks/dashboard_overhead.py (another measurement of row 4: report()
-    cost and the widgets dashboard's cost on a DDP loop in a kernel), run in a session of
-    its own that is killed whatever happens."""
+    cost and the widgets dashboard's cost on a DDP loop in a kernel)."""
+    return script_output("dashboard_overhead.py", ["--steps", str(steps), "--rounds", str(rounds)], timeout)
+
+
+def first_call_script(samples: int, timeout: float = 1800) -> str:
+    """Output of benchmarks/first_call.py: the first call in a fresh kernel per sample,
+    ours next to accelerate's (issue 14), which the long-lived hosts here cannot measure."""
+    return script_output("first_call.py", ["--samples", str(samples)], timeout)
+
+
+def script_output(name: str, options: list, timeout: float) -> str:
+    """What ``benchmarks/<name> <options>`` printed, run in a session of its own that is
+    killed whatever happens (its kernels included)."""
     import signal
     import subprocess
 
-    path = os.path.join(REPO, "benchmarks", "dashboard_overhead.py")
+    path = os.path.join(REPO, "benchmarks", name)
     if not os.path.exists(path):
-        return "(benchmarks/dashboard_overhead.py is not there)"
-    process = subprocess.Popen([sys.executable, path, "--steps", str(steps), "--rounds", str(rounds)], cwd=REPO,
+        return f"(benchmarks/{name} is not there)"
+    process = subprocess.Popen([sys.executable, path, *options], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
@@ -213,7 +227,7 @@ def dashboard_script(steps: int, rounds: int, timeout: float = 1200) -> str:
     except subprocess.TimeoutExpired:
         output = f"(timed out after {timeout:.0f} s)"
     finally:
-        _kill_tree(process.pid)  # its kernel runs in a session of its own
+        _kill_tree(process.pid)  # its kernels run in sessions of their own
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -279,6 +293,11 @@ def main(argv=None) -> int:
     if "report" in args.rows and (args.dashboard_script == "on" or args.dashboard_script == "auto" and not args.quick):
         print("running benchmarks/dashboard_overhead.py", file=sys.stderr, flush=True)
         extra = dashboard_script(steps=max(args.steps * 4, 1000), rounds=max(3, args.repeats))
+    first = ""
+    if "launch" in args.rows and "kernel" in args.where and (
+            args.first_call == "on" or args.first_call == "auto" and not args.quick):
+        print("running benchmarks/first_call.py", file=sys.stderr, flush=True)
+        first = first_call_script(samples=args.repeats)
     left = leftover_processes()
     targets: list = []
     print(f"Machine: {machine()}")
@@ -288,6 +307,9 @@ def main(argv=None) -> int:
     if extra:
         print("\n4b. benchmarks/dashboard_overhead.py (issue 3's own measurement, run by this script):")
         print("\n".join("   " + line for line in extra.splitlines()))
+    if first:
+        print("\n1b. benchmarks/first_call.py (the first call in a fresh kernel, run by this script):")
+        print("\n".join("   " + line for line in first.splitlines()))
     print("\nTargets: " + "; ".join(f"{name}: {verdict}" for name, verdict in targets))
     if results.errors:
         print("\nErrors:")
