@@ -24,6 +24,8 @@ Failure semantics (the README's "Interactive sessions" says the same to users):
 from __future__ import annotations
 
 import atexit
+import os
+import signal
 import sys
 import threading
 import time
@@ -313,9 +315,6 @@ class Session:
     def _interrupt(self, supervisor: Supervisor) -> None:
         """Forward the Interrupt to the ranks still in the task; break the session if
         some cannot leave it in time (blocked in C, e.g. a collective)."""
-        import os
-        import signal
-
         for io in self._ranks.io:
             if io.rank in supervisor.ranks and io.rank not in supervisor.finished and io.handle.exitcode is None:
                 try:
