@@ -8,6 +8,7 @@ anything they started) gets SIGTERM and finally SIGKILL.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -33,6 +34,28 @@ SETTINGS = {
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false", "checkForUpdates": False},
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
+
+
+# Prebuilt JupyterLab extensions the page needs; any other one installed in the environment
+# (e.g. jupyter-distributed, which re-renders every output area per rank) is disabled, so
+# the page is a plain JupyterLab with widgets whatever else is installed.
+KEEP_EXTENSIONS = ("@jupyter-widgets/jupyterlab-manager", "jupyterlab_pygments")
+
+
+def installed_extensions() -> list:
+    """Names of the prebuilt (federated) JupyterLab extensions this Python environment has."""
+    from jupyter_core.paths import jupyter_path
+
+    names = []
+    for root in jupyter_path("labextensions"):
+        for package in glob.glob(os.path.join(root, "*", "package.json")) + \
+                glob.glob(os.path.join(root, "@*", "*", "package.json")):
+            try:
+                with open(package) as f:
+                    names.append(json.load(f)["name"])
+            except (OSError, ValueError, KeyError):
+                continue
+    return sorted(set(names))
 
 
 def free_port() -> int:
@@ -104,6 +127,11 @@ class JupyterLab:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 json.dump(values, f)
+        others = {name: True for name in installed_extensions() if name not in KEEP_EXTENSIONS}
+        labconfig = os.path.join(self.home, "config", "labconfig")
+        os.makedirs(labconfig, exist_ok=True)
+        with open(os.path.join(labconfig, "page_config.json"), "w") as f:
+            json.dump({"disabledExtensions": others}, f)
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
