@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                 # full run (about 10 minutes on 2 cores)
     python benchmarks/run_all.py --quick         # 1 repetition, small sizes (a smoke run)
     python benchmarks/run_all.py --repeats 9 --rows launch --where kernel
+    python benchmarks/session_cell.py            # what one cell costs on a persistent session (issue 11)
 
 Every launcher runs in hosts of its own (a plain Python process and a real Jupyter
 kernel per launcher family); every case runs once per round, in a shuffled order, after
@@ -50,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dashboard-script", choices=("auto", "on", "off"), default="auto",
                         help="also run benchmarks/dashboard_overhead.py (issue 3's measurement of row 4); "
                              "auto: on unless --quick")
+    parser.add_argument("--session-script", choices=("auto", "on", "off"), default="auto",
+                        help="also run benchmarks/session_cell.py (issue 11: what a cell costs on a persistent "
+                             "session, beside ipyparallel and jupyter-distributed when installed); "
+                             "auto: on in a full run (every row, not --quick)")
     parser.add_argument("--first-call", choices=("auto", "on", "off"), default="auto",
                         help="also run benchmarks/first_call.py (the first call in fresh kernels, with the launch "
                              "row); auto: on unless --quick")
@@ -210,6 +215,13 @@ def first_call_script(samples: int, timeout: float = 1800) -> str:
     return script_output("first_call.py", ["--samples", str(samples)], timeout)
 
 
+def session_script(samples: int, timeout: float = 1200) -> str:
+    """Output of benchmarks/session_cell.py (issue 11: a trivial cell on a persistent
+    session, beside a plain cell, a one-shot launch and the peers), less its machine line."""
+    output = script_output("session_cell.py", ["--samples", str(samples)], timeout)
+    return "\n".join(line for line in output.splitlines() if not line.startswith("Machine: "))
+
+
 def script_output(name: str, options: list, timeout: float) -> str:
     """What ``benchmarks/<name> <options>`` printed, run in a session of its own that is
     killed whatever happens (its kernels included)."""
@@ -298,6 +310,11 @@ def main(argv=None) -> int:
             args.first_call == "on" or args.first_call == "auto" and not args.quick):
         print("running benchmarks/first_call.py", file=sys.stderr, flush=True)
         first = first_call_script(samples=args.repeats)
+    session = ""
+    full_run = not args.quick and len(args.rows) == len(ROWS)
+    if args.session_script == "on" or args.session_script == "auto" and full_run:
+        print("running benchmarks/session_cell.py", file=sys.stderr, flush=True)
+        session = session_script(samples=max(30, args.repeats))
     left = leftover_processes()
     targets: list = []
     print(f"Machine: {machine()}")
@@ -307,6 +324,9 @@ def main(argv=None) -> int:
     if extra:
         print("\n4b. benchmarks/dashboard_overhead.py (issue 3's own measurement, run by this script):")
         print("\n".join("   " + line for line in extra.splitlines()))
+    if session:
+        print("\n6. benchmarks/session_cell.py (issue 11: one cell on a persistent session, run by this script):")
+        print("\n".join("   " + line for line in session.splitlines()))
     if first:
         print("\n1b. benchmarks/first_call.py (the first call in a fresh kernel, run by this script):")
         print("\n".join("   " + line for line in first.splitlines()))
