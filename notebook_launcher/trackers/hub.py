@@ -263,7 +263,7 @@ class TrackerHub:
     def _close_runs(self, status: str, only: Optional[str] = None) -> None:
         for name, run in self._selected(only):
             self._call(name, f"close its run ({status})", lambda run=run: run.close(status))
-            for note in getattr(run, "skipped", [])[:5]:
+            for note in list(getattr(run, "skipped", ()))[:5]:
                 self._warn(f"notebook_launcher: {KINDS[name].title} did not record {note}.")
             del self._runs[name]
 

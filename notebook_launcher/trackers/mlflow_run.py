@@ -41,7 +41,7 @@ class MLflowRun:
                             "(run_name, tags, description, experiment_name are)")
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        self.skipped: list = []   # what MLflow cannot store, for the hub to mention
+        self.skipped: dict = {}   # what MLflow could not store (an ordered set), for the hub to mention
         if settings.config:
             self.store_config(settings.config)
 
@@ -64,13 +64,30 @@ class MLflowRun:
         params = []
         for key, value in scalar_params(config).items():
             if len(str(value)) > MAX_PARAM_VAL_LENGTH:
-                self.skipped.append(f"param {key!r} (longer than MLflow's {MAX_PARAM_VAL_LENGTH} characters)")
+                self.skipped[f"param {key!r} (longer than MLflow's {MAX_PARAM_VAL_LENGTH} characters)"] = None
                 continue
             params.append(Param(key, str(value)))
         for start in range(0, len(params), _PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=params[start:start + _PARAMS_PER_CALL])
 
     def log_many(self, entries: list) -> None:
+        """One log_batch for many steps; if MLflow refuses it (log_batch is all or nothing),
+        step by step, so that one bad value costs only its own step. Raises the first error."""
+        try:
+            self._log_metrics(entries)
+        except Exception:
+            if len(entries) == 1:
+                raise
+            errors = []
+            for entry in entries:
+                try:
+                    self._log_metrics([entry])
+                except Exception as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+
+    def _log_metrics(self, entries: list) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -78,7 +95,7 @@ class MLflowRun:
         for values, step, _kwargs in entries:
             numbers, text = numbers_and_text(values)
             metrics.extend(Metric(key, float(value), now, step) for key, value in numbers.items())
-            self.skipped.extend(f"{key!r} (MLflow metrics are numbers; got text)" for key in text)
+            self.skipped.update(dict.fromkeys(f"{key!r} (MLflow metrics are numbers; got text)" for key in text))
         for start in range(0, len(metrics), _METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + _METRICS_PER_CALL])
 
