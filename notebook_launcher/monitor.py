@@ -256,7 +256,7 @@ class Supervisor:
         elif isinstance(message, ch.Report):
             self.state.apply(Metrics(rank, message.step, message.values, now))
         elif isinstance(message, ch.ProgressUpdate):
-            self.state.apply(Progress(rank, message.n, message.total, message.desc, message.depth, now))
+            self.state.apply(Progress(rank, message.n, message.total, message.desc, message.depth, now, sent=message.t))
         elif isinstance(message, ch.TaskDone):
             self.finished.add(rank)
             self.outcome.results[rank] = None if message.value is None else (message.value, message.pickler)

@@ -128,6 +128,8 @@ class Progress:
     desc: Optional[str]
     depth: int
     t: float
+    sent: Optional[float] = None  # when the rank stepped (same monotonic clock on one host): the rate uses it,
+    #                               since a busy parent may read a second's worth of steps at once
 
 
 @dataclass(frozen=True)
@@ -470,17 +472,18 @@ class RunState:
                 del state.position[depth]
         if event.rank != self.lead:
             return
+        when = event.sent if event.sent is not None else event.t
         bar = self.progress.get(event.depth)
         if bar is None or event.n < bar.n or bar.desc != event.desc or bar.total != event.total:
             if bar is not None and bar.desc == event.desc and bar.total == event.total:
-                bar.restart(event.t)  # the same loop again (the next epoch's batches): its rate goes on
+                bar.restart(when)  # the same loop again (the next epoch's batches): its rate goes on
             else:
                 bar = self.progress[event.depth] = ProgressState(
-                    total=event.total, desc=event.desc, started_at=event.t, depth=event.depth
+                    total=event.total, desc=event.desc, started_at=when, depth=event.depth
                 )
             for depth in [d for d in self.progress if d > event.depth]:
                 del self.progress[depth]  # bars nested in a restarted one start over
-        bar.update(event.n, event.t)
+        bar.update(event.n, when)
         self.progress_version += 1
 
     def _on_output(self, event: Output) -> None:

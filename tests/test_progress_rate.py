@@ -120,3 +120,12 @@ def test_a_restart_keeps_the_bar_and_drops_the_bars_inside_it():
     assert (outer.n, inner.n) == (3, 10)
     state.apply(Progress(0, 0, 3, "epoch", 0, 1.0))        # the same outer loop once more
     assert state.bars() == [outer] and outer.n == 0 and outer.started_at == 1.0
+
+
+def test_the_rate_uses_when_the_rank_stepped_even_if_the_parent_read_everything_at_once():
+    # 3 epochs of 21 batches at 10 ms each (100 batches/s), all read by a busy parent in one go
+    state = new_state()
+    for t, n, total, desc, depth in worker_events(epochs=3, batches=21, batch_seconds=0.01, pause=0.0):
+        state.apply(Progress(0, n, total, desc, depth, t=5.0, sent=t))
+    inner = state.bars()[1]
+    assert inner.rate == pytest.approx(100, rel=0.15)
