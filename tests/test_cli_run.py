@@ -51,12 +51,14 @@ ARGPARSE_SCRIPT = """
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("name")
     args = parser.parse_args()
+    dist.init_process_group(backend="gloo")   # as under torchrun: from the environment's contract
     total = torch.ones(1) * (dist.get_rank() + 1)
     dist.all_reduce(total)
     env = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     print("RECORD " + json.dumps({"rank": dist.get_rank(), "name": __name__, "argv": sys.argv[1:],
                                   "lr": args.lr, "epochs": args.epochs, "label": args.name,
                                   "total": total.item(), "env": env}))
+    dist.destroy_process_group()
 """
 
 
