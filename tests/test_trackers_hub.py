@@ -81,12 +81,17 @@ def test_tensorboard_and_mlflow_record_rank0s_run(tmp_path, mlflow_store):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     hub = TrackerHub()
-    longest = feed(hub, run_messages(("tensorboard", "mlflow"), "recorded", str(tmp_path)))
-    feed(hub, [TrackerLog({"train/loss": 99.0}, step=3)], rank=1)  # only rank 0 is recorded
+    *messages, end = run_messages(("tensorboard", "mlflow"), "recorded", str(tmp_path))
+    longest = feed(hub, messages)
+    # Only rank 0 is recorded.
+    feed(hub, [TrackerInit(("tensorboard",), "rank1", {}, {}, str(tmp_path)), TrackerLog({"train/loss": 99.0}, step=3)],
+         rank=1)
+    feed(hub, [end])
     assert hub.close("succeeded")
     assert longest < 0.05  # a queue append, whatever the trackers do
 
     expected = [(step, pytest.approx(loss)) for step, loss in enumerate(LOSSES)]
+    assert sorted(os.listdir(tmp_path)) == ["recorded"]
     assert scalars(str(tmp_path / "recorded"), "train/loss") == expected
     accumulator = EventAccumulator(str(tmp_path / "recorded"))
     accumulator.Reload()
