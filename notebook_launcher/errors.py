@@ -84,6 +84,7 @@ class WorkerError(ChildFailedError):
         self.signal = root.signal
         self.remote_traceback = root.traceback
         self.attempt = attempt
+        self.notes: list = []            # lines said after the error (e.g. "the session is broken")
         self.name = "notebook_launcher"
         self.failures = {r: _as_process_failure(f) for r, f in self.details.items()}
         Exception.__init__(self, self._format())
@@ -112,6 +113,7 @@ class WorkerError(ChildFailedError):
             parts.append("other ranks: " + "; ".join(f"rank {f.rank}: {f.summary()}" for f in others))
         if root.traceback:
             parts.append(f"\n--- traceback from rank {root.rank} ---\n{root.traceback.rstrip()}")
+        parts.extend(getattr(self, "notes", ()))
         return "\n".join(parts)
 
 

@@ -303,8 +303,11 @@ class Session:
                 self._break(f"rank {who[0]} {'died' if outcome.died else 'did not finish the task'}")
             if outcome.root is not None:
                 failure = outcome.root
-                raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root]) \
-                    from outcome.root.exception
+                error = WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root])
+                if self.status == SessionStatus.BROKEN:
+                    error.notes.append(f"The session is broken ({self.broken_because}): its ranks were stopped, "
+                                       "and the next call starts fresh ones.")
+                raise error from outcome.root.exception
             status = RunStatus.SUCCEEDED
             return outcome.results
         finally:

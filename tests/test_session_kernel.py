@@ -102,6 +102,7 @@ def test_a_dead_or_stuck_rank_breaks_the_session_and_the_next_cell_restarts_it(k
     assert failed.ename == "WorkerError"
     assert ("rank 1 failed: exited with code 3" if how == "dies" else "rank 1 failed: RuntimeError") in failed.traceback
     assert time.monotonic() - began < 5
+    assert "The session is broken (rank " in failed.traceback and "the next call starts fresh ones" in failed.traceback
     assert pids_alive(old) == []                                  # the broken ranks are gone at once
     assert "broken" in ok(kernel, "%dist status").stdout
     again = ok(kernel, "%%dist\nprint('fresh', rank, 'kept' in globals())")
