@@ -146,6 +146,7 @@ class TrackerHub:
         """Close every open run as ``status`` (succeeded | failed | interrupted | stopped)
         after what was queued is written; wait at most ``timeout`` seconds. Returns whether
         the writer finished in time (if not, it finishes in the background)."""
+        status = str(status)  # a RunStatus is its string
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         with self._start_lock:

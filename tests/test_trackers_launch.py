@@ -1,0 +1,232 @@
+"""Accelerator(log_with=...) in real 2-worker launches: the workers only send messages (no
+tracker module is ever imported in a worker), and, once the launcher feeds them to a
+TrackerHub, the notebook process writes the runs that each tracker's own reader finds.
+
+Launches run in a fresh interpreter (`in_fresh_python`), so that "not in the worker's
+sys.modules" means something: a forked worker inherits its parent's modules, and this
+test process imports the trackers in other tests.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import notebook_launcher.launcher
+from notebook_launcher import Accelerator, notebook_launcher as launch, report
+from notebook_launcher.errors import LaunchConfigError
+from notebook_launcher.trackers import SUPPORTED
+
+STEPS = 20
+TRACKER_MODULES = ("tensorboard", "tensorboardX", "mlflow", "wandb", "trackio")
+WIRED = hasattr(notebook_launcher.launcher, "TRACKER_HUB_WIRED")
+needs_wiring = pytest.mark.skipif(
+    not WIRED, reason="the launcher does not feed tracker messages to a TrackerHub yet "
+                      "(notebook_launcher.launcher.TRACKER_HUB_WIRED is not set)")
+
+
+def tracker_modules() -> set:
+    return {name for name in sys.modules
+            if name.split(".")[0] in TRACKER_MODULES or name.startswith("torch.utils.tensorboard")}
+
+
+# ----------------------------------------------------------------- what the workers run
+def train(project_dir: str, log_with: list, fail_at=None) -> dict:
+    """Every rank logs (rank 1 logs values 10x larger: only rank 0's may be recorded)."""
+    inherited = tracker_modules()  # from the parent (a second launch, after its hub imported them)
+    accelerator = Accelerator(log_with=log_with, project_dir=project_dir)
+    rank = accelerator.process_index
+    accelerator.init_trackers("e2e", config={"lr": 0.1, "model": {"layers": 2}, "rank": rank})
+    for step in range(STEPS):
+        if step == fail_at and rank == 0:
+            raise RuntimeError(f"failed at step {step}")
+        accelerator.log({"train/loss": torch.tensor((rank * 9 + 1) / (step + 1))}, step=step)
+    tracker = accelerator.get_tracker(log_with[0])
+    tracker.store_init_configuration({"batch_size": 8 + rank})
+    tracker.log({"eval/accuracy": 0.5 + rank}, step=STEPS)
+    errors = []
+    for ask in (lambda: tracker.writer, lambda: accelerator.get_tracker(log_with[0], unwrap=True)):
+        try:
+            ask()
+        except AttributeError as exc:
+            errors.append(str(exc))
+    accelerator.end_training()
+    return {"rank": rank, "imported": sorted(tracker_modules() - inherited), "inherited": sorted(inherited),
+            "errors": errors}
+
+
+def main(project_dir: str, log_with: list, launches: list) -> None:
+    """In a fresh interpreter: one launch per entry of ``launches`` (a fail_at or None)."""
+    assert not tracker_modules(), "the parent imported a tracker before the launch"
+    outcomes = []
+    for fail_at in launches:
+        try:
+            outcomes.append(launch(train, args=(project_dir, log_with, fail_at), num_processes=2, display="none",
+                                   return_all=True))
+        except Exception as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+    print("RESULT " + json.dumps(outcomes))
+
+
+def in_fresh_python(tmp_path, log_with: list, launches=(None,), env=None) -> list:
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_trackers_launch as t; "
+            f"t.main({str(tmp_path)!r}, {log_with!r}, {list(launches)!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, **(env or {})}, cwd=str(tmp_path))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def assert_workers_imported_no_tracker(results: list, first_launch: bool = True) -> None:
+    """None imported by the function; and none at all in a first launch (nothing to inherit)."""
+    for result in results:
+        assert result["imported"] == [], f"rank {result['rank']} imported {result['imported']}"
+        if first_launch:
+            assert result["inherited"] == []
+
+
+# ----------------------------------------------------------------- worker side (runs today)
+def tracker_env(folder) -> dict:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "TRACKIO_DIR": str(folder / "trackio")}
+
+
+@pytest.fixture(scope="module")
+def all_four(tmp_path_factory):
+    """One launch logging to every supported tracker: (its folder, every rank's result)."""
+    folder = tmp_path_factory.mktemp("all-four")
+    (results,) = in_fresh_python(folder, list(SUPPORTED), env=tracker_env(folder))
+    return folder, results
+
+
+def test_workers_send_messages_and_never_import_a_tracker(all_four):
+    _, results = all_four
+    assert [r["rank"] for r in results] == [0, 1]
+    assert_workers_imported_no_tracker(results)
+    for result in results:
+        assert len(result["errors"]) == 2
+        assert all("runs the TensorBoard tracker itself (in the notebook process, never in a worker)" in error
+                   for error in result["errors"])
+        assert "get_tracker('tensorboard').writer is not available here" in result["errors"][0]
+
+
+def test_a_tracker_that_is_not_installed_fails_in_the_accelerator(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # Python's own "cannot be imported"
+    with pytest.raises(LaunchConfigError, match="Trackio \\('trackio'\\), not installed here: pip install trackio"):
+        Accelerator(log_with=["tensorboard", "trackio"], project_dir="runs")
+    with pytest.raises(LaunchConfigError, match="needs a folder for its files"):
+        Accelerator(log_with="tensorboard")
+    with pytest.raises(ValueError, match="'mlflow' is not an available tracker"):
+        Accelerator(log_with="tensorboard", project_dir="runs").get_tracker("mlflow")
+
+
+def test_a_plain_process_writes_through_its_own_hub(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accelerator = Accelerator(log_with="tensorboard", logging_dir=str(tmp_path))
+    accelerator.init_trackers("plain", config={"lr": 0.1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            accelerator.log({"loss": torch.tensor(1.0 / (step + 1)), "phase": "train", "skip": object()}, step=step)
+    accelerator.end_training()
+    assert len([w for w in caught if "'skip'" in str(w.message)]) == 1  # said once, not per step
+    events = EventAccumulator(str(tmp_path / "plain"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(STEPS))
+    assert "phase/text_summary" in events.Tags()["tensors"]
+
+
+# ----------------------------------------------------------------- through the launcher's hub
+@needs_wiring
+def test_tensorboard_and_mlflow_record_rank0_through_a_launch(all_four):
+    from mlflow import MlflowClient
+
+    folder, _ = all_four
+    assert scalars(folder / "e2e", "train/loss") == [(step, pytest.approx(1.0 / (step + 1))) for step in range(STEPS)]
+    assert scalars(folder / "e2e", "eval/accuracy") == [(STEPS, 0.5)]  # get_tracker(...).log, rank 0's
+
+    client = MlflowClient(tracker_env(folder)["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.1", "model/layers": "2", "rank": "0"}
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, pytest.approx(1.0 / (s + 1))) for s in range(STEPS)]
+
+
+@needs_wiring
+def test_a_failed_launch_leaves_a_failed_run_and_the_next_opens_a_fresh_one(tmp_path):
+    from mlflow import MlflowClient
+
+    failed, succeeded = in_fresh_python(tmp_path, ["mlflow"], launches=(5, None), env=tracker_env(tmp_path))
+    assert failed.startswith("WorkerError") and "failed at step 5" in failed
+    assert_workers_imported_no_tracker(succeeded, first_launch=False)
+    client = MlflowClient(tracker_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], order_by=["start_time ASC"])
+    assert [run.info.status for run in runs] == ["FAILED", "FINISHED"]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [0, 1, 2, 3, 4]
+    assert len(client.get_metric_history(runs[1].info.run_id, "train/loss")) == STEPS
+
+
+@needs_wiring
+def test_wandb_offline_and_trackio_through_a_launch(all_four):
+    from test_trackers_hub import wandb_records
+
+    folder, _ = all_four
+    expected = [pytest.approx(1.0 / (step + 1)) for step in range(STEPS)]
+    (path,) = glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))
+    losses = [json.loads(item.value_json) for record in wandb_records(path) if record.WhichOneof("record_type") == "history"
+              for item in record.history.item if (item.key or "/".join(item.nested_key)) == "train/loss"]
+    assert losses == expected
+    read = subprocess.run([sys.executable, "-c", (  # trackio reads TRACKIO_DIR when imported
+        "from trackio.sqlite_storage import SQLiteStorage as S\n"
+        "print([r['train/loss'] for r in S.get_logs('e2e', S.get_runs('e2e')[0]) if 'train/loss' in r])")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **tracker_env(folder)})
+    assert json.loads(read.stdout.strip().splitlines()[-1]) == expected
+
+
+def report_steps(steps: int) -> None:
+    rank = int(os.environ["RANK"])
+    for step in range(steps):
+        report(step, loss=(rank * 9 + 1) / (step + 1))
+
+
+@needs_wiring
+def test_launcher_log_with_writes_every_rank0_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # report mode writes TensorBoard files under ./runs
+    launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorboard", project_name="reports")
+    assert scalars(tmp_path / "runs" / "reports", "loss") == [(s, pytest.approx(1.0 / (s + 1))) for s in range(STEPS)]
+    with pytest.raises(LaunchConfigError, match="Unknown tracker 'tensorbord'"):
+        launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorbord")
+
+
+def fail_in_first_attempt(project_dir: str) -> None:
+    accelerator = Accelerator(log_with="tensorboard", project_dir=project_dir)
+    accelerator.init_trackers("restarts")
+    first_attempt = os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+    for step in range(STEPS):
+        if first_attempt and step == 5:
+            raise RuntimeError("the first attempt fails")
+        accelerator.log({"loss": 1.0 / (step + 1)}, step=step)
+    accelerator.end_training()
+
+
+@needs_wiring
+def test_a_restart_is_a_fresh_run_beside_the_failed_one(tmp_path):
+    launch(fail_in_first_attempt, args=(str(tmp_path),), num_processes=2, display="none", max_restarts=1)
+    assert [step for step, _ in scalars(tmp_path / "restarts", "loss")] == [0, 1, 2, 3, 4]
+    assert [step for step, _ in scalars(tmp_path / "restarts" / "attempt_1", "loss")] == list(range(STEPS))
+
+
+def scalars(logdir, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return [(event.step, pytest.approx(event.value)) for event in events.Scalars(tag)]
