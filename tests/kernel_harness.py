@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -27,11 +28,22 @@ class CellResult:
     evalue: str = ""
     traceback: str = ""
     displays: list = field(default_factory=list)  # display_data / execute_result data dicts
+    widget_states: list = field(default_factory=list)  # comm_open / comm_msg states (ipywidgets)
     seconds: float = 0.0
 
     @property
     def text(self) -> str:
         return self.stdout + self.stderr
+
+    @property
+    def widget_text(self) -> str:
+        """Every string a widget of this cell ever showed (a log panel's lines, labels, HTML)."""
+        return "\n".join(value for state in self.widget_states for value in state.values() if isinstance(value, str))
+
+    @property
+    def display_text(self) -> str:
+        """The text and HTML of everything the cell displayed (a run's final summary and log)."""
+        return "\n".join(str(data.get(kind, "")) for data in self.displays for kind in ("text/plain", "text/html"))
 
 
 class Kernel:
@@ -83,6 +95,10 @@ class Kernel:
                     on_output(result)
             elif kind in ("display_data", "execute_result", "update_display_data"):
                 result.displays.append(content.get("data", {}))
+            elif kind in ("comm_open", "comm_msg"):
+                state = content.get("data", {}).get("state")
+                if isinstance(state, dict):
+                    result.widget_states.append(state)
             elif kind == "error":
                 result.ename, result.evalue = content["ename"], content["evalue"]
                 result.traceback = "\n".join(content["traceback"])
@@ -141,3 +157,74 @@ def _alive(proc: psutil.Process) -> bool:
 
 def pids_alive(pids) -> list:
     return [pid for pid in pids if psutil.pid_exists(pid) and _alive(psutil.Process(pid))]
+
+
+class ExitWatch:
+    """When processes exit, seen from outside: a thread polls them every ``interval``
+    seconds and records the first moment each one is gone (a zombie has exited).
+
+    Times are ``time.monotonic()``, the same clock in every process of this machine, so
+    they compare with times printed by a kernel or a worker. Use as a context manager.
+
+    Example::
+
+        with ExitWatch(worker_pids) as watch:
+            kernel.interrupt()
+            pressed = time.monotonic()
+            ...
+        assert watch.last_exit(timeout=5) - pressed < 2.0
+    """
+
+    def __init__(self, pids=(), interval: float = 0.01) -> None:
+        self.interval = interval
+        self.exits: dict = {}
+        self._watched: set = set()
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="exit-watch", daemon=True)
+        self.add(pids)
+        self._thread.start()
+
+    def __enter__(self) -> "ExitWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add(self, pids) -> None:
+        with self._lock:
+            self._watched.update(pids)
+
+    def last_exit(self, timeout: float) -> float:
+        """When the last watched process exited; AssertionError if some still run after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(self.interval)
+        left = self.running()
+        assert not left, f"still running {timeout}s later: {left}"
+        with self._lock:
+            assert self.exits, "no process was watched"
+            return max(self.exits.values())
+
+    def running(self) -> list:
+        with self._lock:
+            return sorted(self._watched - set(self.exits))
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            for pid in self.running():
+                if _exited(pid):
+                    with self._lock:
+                        self.exits.setdefault(pid, time.monotonic())
+            self._done.wait(self.interval)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

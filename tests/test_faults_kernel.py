@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kernel_harness import Kernel
+from kernel_harness import ExitWatch, Kernel
 
 STARTUP = textwrap.dedent("""
     import os, sys, time, signal
@@ -20,14 +20,24 @@ STARTUP = textwrap.dedent("""
     def outcome(fn, **kw):
         t0 = time.monotonic()
         try:
-            value = notebook_launcher(fn, num_processes=2, display="none", **kw)
+            value = notebook_launcher(fn, num_processes=2, device="cpu", display="none", **kw)
             print("OK", repr(value)[:200], "SECONDS", round(time.monotonic() - t0, 2))
         except WorkerError as err:
             print("RANK", err.rank, "EXIT", err.exitcode, "SIGNAL", err.signal,
                   "SECONDS", round(time.monotonic() - t0, 2))
             print("MSG", str(err).splitlines()[0])
             print("TB", err.remote_traceback)
+
+    def interrupted(fn, **kw):
+        try:
+            notebook_launcher(fn, num_processes=2, device="cpu", **kw)
+        except KeyboardInterrupt:
+            print("CELL INTERRUPTED AT", time.monotonic())
+            raise
 """)
+
+# The README's promise: within 2 s of an Interrupt or a failure every worker is gone.
+PROMISE = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +55,17 @@ def run(kernel: Kernel, code: str, timeout: float = 90):
 
 def seconds(result) -> float:
     return float(re.search(r"SECONDS ([\d.]+)", result.stdout).group(1))
+
+
+def moment(result, label: str) -> float:
+    """A time.monotonic() that the kernel or a worker printed as ``label <t>``."""
+    found = re.search(label + r" ([\d.]+)", result.stdout)
+    assert found, f"no {label!r} in:\n{result.text[-3000:]}"
+    return float(found.group(1))
+
+
+def pids_printed(text: str, label: str) -> set:
+    return {int(pid) for pid in re.findall(label + r" (\d+)", text)}
 
 
 def next_launch_works(kernel: Kernel) -> None:
@@ -153,7 +174,7 @@ def test_unpicklable_and_huge_return_values(kernel):
         def big():
             return torch.ones(50 * 1024 * 1024)    # 200 MB of float32
         t0 = time.monotonic()
-        value = notebook_launcher(big, num_processes=2, display="none")
+        value = notebook_launcher(big, num_processes=2, device="cpu", display="none")
         print("BIG", value.numel() * 4 // 2**20, "MB", "SUM", int(value.sum()), "IN", round(time.monotonic() - t0, 2))
     """, timeout=120)
     assert "could not be pickled" in result.stdout, result.text
@@ -162,28 +183,88 @@ def test_unpicklable_and_huge_return_values(kernel):
     assert float(match.group(1)) < 10
 
 
-def test_dataloader_workers_die_with_a_failing_rank(kernel):
-    result = run(kernel, """
-        from torch.utils.data import DataLoader, TensorDataset
-        def loader_then_fail():
-            data = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=2,
-                              persistent_workers=True)
-            for i, _ in enumerate(data):
-                if i == 3 and dist.get_rank() == 1:
-                    raise RuntimeError("failed while DataLoader workers run")
-            time.sleep(30)
-        outcome(loader_then_fail)
-    """)
-    assert "MSG rank 1 failed: RuntimeError: failed while DataLoader workers run" in result.stdout, result.text
+@pytest.mark.parametrize("failure, message", [
+    ('raise RuntimeError("failed while DataLoader workers run")', "RuntimeError: failed while DataLoader workers run"),
+    ("os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),   # no cleanup runs in the rank
+], ids=["raises", "sigkill"])
+def test_dataloader_workers_die_with_a_failing_rank(kernel, failure, message):
+    """Orphans are no kernel descendants: every process is followed by the PID it printed."""
+    with ExitWatch() as watch:
+        def follow(partial):
+            watch.add(pids_printed(partial.stdout, "RANK_PID") | pids_printed(partial.stdout, "LOADER_PID"))
+
+        result = kernel.run(textwrap.dedent(f"""
+            from torch.utils.data import DataLoader, TensorDataset
+            def loader_then_fail():
+                print("RANK_PID", os.getpid(), flush=True)
+                data = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=2,
+                                  persistent_workers=True,
+                                  worker_init_fn=lambda _: print("LOADER_PID", os.getpid(), flush=True))
+                for i, _ in enumerate(data):
+                    if i == 3 and dist.get_rank() == 1:
+                        print("FAILING_AT", time.monotonic(), flush=True)
+                        {failure}
+                time.sleep(30)
+            outcome(loader_then_fail)
+        """), timeout=90, on_output=follow)
+        follow(result)
+        assert f"MSG rank 1 failed: {message}" in result.stdout, result.text
+        assert len(pids_printed(result.stdout, "LOADER_PID")) == 4, result.text   # 2 per rank
+        assert watch.last_exit(timeout=10) - moment(result, "FAILING_AT") < PROMISE, watch.exits
     next_launch_works(kernel)
+
+
+RESTART_LINE = re.compile(r"rank 0 failed \(RuntimeError: attempt (\d+) on port (\d+), store count (\d+)\); "
+                          r"restart (\d+ of \d+)")
+
+
+def test_restarts_run_out_and_raise_the_last_error(kernel):
+    result = run(kernel, """
+        def fails_every_time():
+            if dist.get_rank() == 1:
+                time.sleep(30)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+            count = store.add("launches seen by this store", 1)
+            raise RuntimeError(f"attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} on port "
+                               f"{os.environ['MASTER_PORT']}, store count {count}")
+        try:
+            notebook_launcher(fails_every_time, num_processes=2, device="cpu", display="none", max_restarts=2)
+        except WorkerError as err:
+            print("LAST", str(err).splitlines()[0], "| ATTEMPT", err.attempt)
+    """)
+    last = re.search(r"LAST rank 0 failed: RuntimeError: attempt 2 on port (\d+), store count (\d+) \| ATTEMPT 2",
+                     result.stdout)
+    assert last, result.text
+    restarts = RESTART_LINE.findall(result.stderr)
+    assert [(attempt, restart) for attempt, _, _, restart in restarts] == [("0", "1 of 2"), ("1", "2 of 2")], \
+        result.stderr
+    # Each attempt met on a store of its own: a new port, and a counter that starts over.
+    assert len({port for _, port, _, _ in restarts} | {last.group(1)}) == 3, result.text
+    assert [count for _, _, count, _ in restarts] + [last.group(2)] == ["1", "1", "1"], result.text
+
+
+def test_a_restart_that_succeeds_returns_its_value(kernel):
+    result = run(kernel, """
+        def flaky():
+            attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+            if attempt == 0 and dist.get_rank() == 0:
+                raise RuntimeError(f"attempt {attempt} on port {os.environ['MASTER_PORT']}, store count 1")
+            dist.barrier()
+            return f"attempt {attempt} of {dist.get_world_size()} ranks"
+        outcome(flaky, max_restarts=1)
+    """)
+    assert "OK 'attempt 1 of 2 ranks'" in result.stdout, result.text
+    assert [restart for *_, restart in RESTART_LINE.findall(result.stderr)] == ["1 of 1"], result.stderr
 
 
 def test_twenty_launches_back_to_back_leak_nothing(kernel):
     result = run(kernel, """
         import psutil
         me = psutil.Process()
+        notebook_launcher(lambda: 0, num_processes=2, device="cpu", display="none")  # one-time setup (a pipe pair)
         fds_before = me.num_fds()
-        values = [notebook_launcher(lambda: dist.get_rank() + 1, num_processes=2, display="none") for _ in range(20)]
+        values = [notebook_launcher(lambda: dist.get_rank() + 1, num_processes=2, device="cpu", display="none")
+                  for _ in range(20)]
         print("VALUES", values, "FD_GROWTH", max(0, me.num_fds() - fds_before))
     """, timeout=120)
     assert "VALUES [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1] FD_GROWTH 0" in result.stdout, result.text
@@ -204,46 +285,56 @@ def test_100k_output_lines_arrive_whole(kernel):
 
 def test_interrupt_during_rendezvous(kernel):
     pressed = []
+    with ExitWatch() as watch:
+        def press_when_launched(partial):
+            if "Launching" in partial.stdout and not pressed:
+                time.sleep(0.5)  # workers are now waiting for a node that never comes
+                watch.add(p.pid for p in kernel.descendants())
+                pressed.append(time.monotonic())
+                kernel.interrupt()
 
-    def press_when_launched(partial):
-        if "Launching" in partial.stdout and not pressed:
-            time.sleep(0.5)  # workers are now waiting for a node that never comes
-            pressed.append(time.monotonic())
-            kernel.interrupt()
-
-    result = kernel.run(textwrap.dedent("""
-        import socket
-        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-        notebook_launcher(lambda: 1, num_processes=2, num_nodes=2, node_rank=0, use_port=port)
-    """), timeout=60, on_output=press_when_launched)
-    assert result.ename == "KeyboardInterrupt", result.text
-    assert time.monotonic() - pressed[0] < 3
+        result = kernel.run(textwrap.dedent("""
+            import socket
+            s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+            interrupted(lambda: 1, num_nodes=2, node_rank=0, use_port=port)
+        """), timeout=60, on_output=press_when_launched)
+        assert pressed and watch.running() + list(watch.exits), f"no worker to watch: {result.text}"
+        assert result.ename == "KeyboardInterrupt", result.text
+        assert moment(result, "CELL INTERRUPTED AT") - pressed[0] < PROMISE
+        assert watch.last_exit(timeout=5) - pressed[0] < PROMISE, watch.exits
     assert kernel.wait_no_descendants(timeout=3) == []
     next_launch_works(kernel)
 
 
 def test_interrupt_during_teardown_still_cleans_up(kernel):
     pressed = []
+    with ExitWatch() as watch:
+        def press_during_teardown(partial):
+            watch.add(pids_printed(partial.stdout, "RANK_PID"))
+            if "FAILING_AT" in partial.stdout and not pressed:
+                time.sleep(0.5)  # the supervisor is now waiting out rank 0's SIGTERM grace
+                pressed.append(time.monotonic())
+                kernel.interrupt()
 
-    def press_during_teardown(partial):
-        if "rank 1 raising" in partial.stdout and not pressed:
-            time.sleep(0.5)  # the supervisor is now waiting out rank 0's SIGTERM grace
-            pressed.append(time.monotonic())
-            kernel.interrupt()
-
-    result = kernel.run(textwrap.dedent("""
-        def stubborn():
-            if dist.get_rank() == 0:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)   # only SIGKILL will do
-                time.sleep(60)
-            print("rank 1 raising", flush=True)
-            time.sleep(0.2)
-            raise ValueError("rank 1 fails")
-        notebook_launcher(stubborn, num_processes=2, display="none")
-    """), timeout=60, on_output=press_during_teardown)
-    assert pressed, result.text
-    assert result.ename == "KeyboardInterrupt", result.text  # pressed during teardown: deferred, then raised
-    assert time.monotonic() - pressed[0] < 3
+        result = kernel.run(textwrap.dedent("""
+            def stubborn():
+                print("RANK_PID", os.getpid(), flush=True)
+                dist.barrier()                                      # both PIDs are out
+                if dist.get_rank() == 0:
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # only SIGKILL will do
+                    time.sleep(60)
+                time.sleep(0.2)
+                print("FAILING_AT", time.monotonic(), flush=True)
+                raise ValueError("rank 1 fails")
+            interrupted(stubborn, display="none")
+        """), timeout=60, on_output=press_during_teardown)
+        assert pressed, result.text
+        assert result.ename == "KeyboardInterrupt", result.text  # pressed during teardown: deferred, then raised
+        assert len(pids_printed(result.stdout, "RANK_PID")) == 2, result.text
+        assert moment(result, "CELL INTERRUPTED AT") - pressed[0] < PROMISE
+        last_exit = watch.last_exit(timeout=5)
+        assert last_exit - pressed[0] < PROMISE, watch.exits
+        assert last_exit - moment(result, "FAILING_AT") < PROMISE, watch.exits
     assert kernel.wait_no_descendants(timeout=3) == []
     next_launch_works(kernel)
 
@@ -255,7 +346,7 @@ def test_two_kernels_launching_at_the_same_time():
             dist.all_reduce(t)
             time.sleep(1)
             return t.item()
-        print("TOTAL", [notebook_launcher(total, num_processes=2, display="none") for _ in range(3)])
+        print("TOTAL", [notebook_launcher(total, num_processes=2, device="cpu", display="none") for _ in range(3)])
     """)
     with Kernel(startup=STARTUP) as a, Kernel(startup=STARTUP) as b:
         results = {}

@@ -11,7 +11,7 @@ from notebook_launcher.reporting import _DeviceScalar
 
 
 def finished_state(function, *args, **kwargs):
-    run = notebook_launcher(function, args=args, num_processes=2, display="none", block=False, **kwargs)
+    run = notebook_launcher(function, args=args, num_processes=2, device="cpu", display="none", block=False, **kwargs)
     assert run.wait(60), "the run did not end"
     return run
 
@@ -72,7 +72,7 @@ def test_nested_bars_while_running():
             for batch in progress(range(30), desc="batch"):
                 time.sleep(0.02)
 
-    run = notebook_launcher(train, num_processes=2, display="none", block=False)
+    run = notebook_launcher(train, num_processes=2, device="cpu", display="none", block=False)
     seen = set()
     while not run.wait(0.05):
         bars = run.state.bars()
@@ -106,7 +106,7 @@ def test_report_is_cheap_inside_a_worker():
             time.sleep(0.11)                                    # let the flusher ship the batch
         return statistics.median(samples) * 1e6
 
-    micros = notebook_launcher(measure, num_processes=2, display="none")
+    micros = notebook_launcher(measure, num_processes=2, device="cpu", display="none")
     assert micros < 25.0, f"report() costs {micros:.1f} us per call"
 
 
