@@ -28,9 +28,11 @@ from .core import Accelerator
 from .data import DataLoaderConfiguration, DataLoaderShard
 from .rng import set_seed
 from .state import DistributedType, GradientState, ProcessState
+from .weights import load_weights
 from .wrappers import AcceleratedOptimizer, AcceleratedScheduler
 
 __all__ = [
     "Accelerator", "ProjectConfiguration", "DataLoaderConfiguration", "DistributedType", "set_seed",
     "AcceleratedOptimizer", "AcceleratedScheduler", "DataLoaderShard", "GradientState", "ProcessState",
+    "load_weights",
 ]

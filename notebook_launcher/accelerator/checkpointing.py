@@ -17,7 +17,6 @@ states. Everything here is a function of plain arguments; `Accelerator` supplies
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import rng
+from . import rng, weights
 from .collectives import barrier
 from .state import ProcessState
 
@@ -159,62 +158,36 @@ def iteration_after(folder: str) -> Optional[int]:
 
 
 # ----------------------------------------------------------------- model weights
-def _dedupe_shared(state_dict: dict) -> tuple:
-    """Tied weights share storage; safetensors refuses that. Keep one name per storage."""
-    kept, aliases, seen = {}, {}, {}
-    for name, tensor in state_dict.items():
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-               tuple(tensor.shape), tuple(tensor.stride())) if tensor.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-        else:
-            if key is not None:
-                seen[key] = name
-            kept[name] = tensor.detach().contiguous()
-    return kept, aliases
-
-
 def write_weights(model: torch.nn.Module, folder: str, index: int, safe_serialization: bool) -> str:
+    """Model ``index`` of a checkpoint: one file, ``model[_<index>].safetensors`` or ``.bin``."""
     state_dict = model.state_dict()
     if safe_serialization:
-        from safetensors.torch import save_file
-
-        tensors, aliases = _dedupe_shared(state_dict)
         path = os.path.join(folder, _indexed(MODEL_SAFE, index, "safetensors"))
-        save_file(tensors, path, metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        weights.write_file(path, *weights.dedupe_shared(state_dict), safe=True)
     else:
         path = os.path.join(folder, _indexed(MODEL_BIN, index, "bin"))
-        torch.save(state_dict, path)
+        torch.save(state_dict, path)  # keeps the sharing of tied weights itself
     return path
 
 
 def read_weights(folder: str, index: int, device: torch.device) -> dict:
-    safe = os.path.join(folder, _indexed(MODEL_SAFE, index, "safetensors"))
-    if os.path.exists(safe):
-        from safetensors import safe_open
-
-        with safe_open(safe, framework="pt", device=str(device)) as handle:
-            state_dict = {name: handle.get_tensor(name) for name in handle.keys()}
-            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-        for alias, name in aliases.items():
-            state_dict[alias] = state_dict[name]
-        return state_dict
-    binary = os.path.join(folder, _indexed(MODEL_BIN, index, "bin"))
-    if os.path.exists(binary):
-        return torch.load(binary, map_location=device, weights_only=True)
+    for name in (_indexed(MODEL_SAFE, index, "safetensors"), _indexed(MODEL_BIN, index, "bin")):
+        if os.path.exists(os.path.join(folder, name)):
+            return weights.load_weights(os.path.join(folder, name), device)
     raise FileNotFoundError(f"{folder} has no weights for model {index} "
-                            f"({os.path.basename(safe)} or {os.path.basename(binary)}).")
+                            f"({_indexed(MODEL_SAFE, index, 'safetensors')} or {_indexed(MODEL_BIN, index, 'bin')}).")
 
 
-def save_model(model: torch.nn.Module, folder: str, state: ProcessState, safe_serialization: bool = True) -> str:
-    """Write an (unwrapped) model's weights once, from the main process; every rank waits."""
-    path = os.path.join(folder, _indexed(MODEL_SAFE if safe_serialization else MODEL_BIN, 0,
-                                         "safetensors" if safe_serialization else "bin"))
+def save_model(model: torch.nn.Module, folder: str, state: ProcessState, max_shard_size="1GB",
+               safe_serialization: bool = True) -> str:
+    """Write an (unwrapped) model's weights once, from the main process, sharded past
+    ``max_shard_size`` (see `weights`); every rank waits. Returns the file to load from."""
+    max_bytes = weights.shard_size_bytes(max_shard_size)  # a bad size fails on every rank, before the barrier
+    path = None
     if state.is_main_process:
-        os.makedirs(folder, exist_ok=True)
-        write_weights(model, folder, 0, safe_serialization)
+        path = weights.write(model.state_dict(), folder, max_bytes, safe_serialization)
     barrier(state)
-    return path
+    return path if path is not None else weights.weights_path(folder)
 
 
 # ----------------------------------------------------------------- whole state

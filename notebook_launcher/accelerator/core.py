@@ -477,11 +477,20 @@ class Accelerator:
     def get_state_dict(self, model, unwrap: bool = True) -> dict:
         return (self.unwrap_model(model) if unwrap else model).state_dict()
 
-    def save_model(self, model, save_directory: str, safe_serialization: bool = True) -> str:
-        """Write the unwrapped model's weights (``model.safetensors``, or ``pytorch_model.bin``)
-        once, from the main process. Returns the file's path."""
+    def save_model(self, model, save_directory: str, max_shard_size="1GB", safe_serialization: bool = True) -> str:
+        """Write the unwrapped model's weights once, from the main process, in HF's layout:
+        ``model.safetensors`` (``pytorch_model.bin`` when not ``safe_serialization``), or,
+        past ``max_shard_size`` ("1GB", "500MB", "2GiB" or bytes), numbered shards and a
+        ``model.safetensors.index.json`` that HF's loaders read. Every rank calls it; returns
+        the file to load from (``notebook_launcher.accelerator.load_weights`` reads it back).
+
+        Example::
+
+            accelerator.save_model(model, "out", max_shard_size="200MB")
+            model.load_state_dict(load_weights("out"))
+        """
         return checkpointing.save_model(self.unwrap_model(model), os.fspath(save_directory), self._process,
-                                        safe_serialization)
+                                        max_shard_size, safe_serialization)
 
     def save(self, obj, f, safe_serialization: bool = False) -> None:
         """``torch.save`` (or safetensors for a dict of tensors) from the main process only."""
