@@ -46,9 +46,10 @@ def behave_as_a_script() -> None:
     # sys.ps2 stays: Lightning looks only at ps1, and python-dotenv takes ps2 to mean
     # "search .env from the working directory", the notebook's directory, which is right
     # for a notebook's worker (without it, dotenv would search from our package's files).
-    for name, module in list(sys.modules.items()):
-        if name.split(".", 1)[0] in LIGHTNING_PACKAGES and getattr(module, LIGHTNING_FLAG, False):
-            setattr(module, LIGHTNING_FLAG, False)
+    if any(package in sys.modules for package in LIGHTNING_PACKAGES):  # else skip the scan (1 ms)
+        for name, module in list(sys.modules.items()):
+            if name.split(".", 1)[0] in LIGHTNING_PACKAGES and getattr(module, LIGHTNING_FLAG, False):
+                setattr(module, LIGHTNING_FLAG, False)
     if sys.flags.interactive:
         for name in LIGHTNING_FLAG_MODULES:
             if name not in sys.modules:
