@@ -31,21 +31,19 @@ def behave_as_a_script() -> None:
     """Make this worker look like ``python script.py`` to libraries that ask. Call once,
     early in a worker, before the user's function runs.
 
-    ``sys.ps1`` goes away, and Lightning's cached flag becomes False in every module
-    that already holds it. ``sys.flags.interactive`` cannot be changed: where it is set
-    (a worker of ``python -i``), Lightning's flag is also corrected right after a later
-    import computes it.
+    ``sys.ps1`` and ``sys.ps2`` go away, and Lightning's cached flag becomes False in
+    every module that already holds it. ``sys.flags.interactive`` cannot be changed:
+    where it is set (a worker of ``python -i``), Lightning's flag is also corrected
+    right after a later import computes it.
 
     Example::
 
         behave_as_a_script()
         hasattr(sys, "ps1")   # False
     """
-    if hasattr(sys, "ps1"):
-        del sys.ps1
-    # sys.ps2 stays: Lightning looks only at ps1, and python-dotenv takes ps2 to mean
-    # "search .env from the working directory", the notebook's directory, which is right
-    # for a notebook's worker (without it, dotenv would search from our package's files).
+    for prompt in ("ps1", "ps2"):  # only an interactive interpreter has prompts
+        if hasattr(sys, prompt):
+            delattr(sys, prompt)
     if any(package in sys.modules for package in LIGHTNING_PACKAGES):  # else skip the scan (1 ms)
         for name, module in list(sys.modules.items()):
             if name.split(".", 1)[0] in LIGHTNING_PACKAGES and getattr(module, LIGHTNING_FLAG, False):
