@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kernel_harness import Kernel
-from notebook_launcher.workers.preload import reason_to_preload
+from notebook_launcher.workers.preload import before_fork, reason_to_preload
 
 STARTUP = textwrap.dedent("""
     import sys
@@ -148,3 +148,11 @@ def test_functions_that_do_not_reach_dynamo_are_left_alone():
 
     for function in (collective, inference, print, lambda: None):
         assert reason_to_preload(function) is None, function
+
+
+def test_tasks_without_a_function_are_not_inspected():
+    # spawn (no first task) and a session's first request: nothing to decide, and no error
+    from notebook_launcher.workers.tasks import Execute, Pull
+
+    for task in (None, Execute("import torch", "<dist-cell-1>"), Pull("x")):
+        before_fork(task)

@@ -73,15 +73,17 @@ _SKIPPED_PACKAGES = ("torch", "notebook_launcher")  # judged by the tables above
 
 def before_fork(task: Any) -> None:
     """Import `PRELOAD_MODULE` here when ``task``'s function can reach it (see the module
-    docstring); ``task`` is a `bootstrap.Task`, or None when nothing is known (spawn).
+    docstring). ``task`` is the workers' first task: a `tasks.Call`; None (spawn, or a
+    session whose tasks come later) or another kind of task: nothing is done.
 
     Example::
 
-        before_fork(Task(train, (model,)))   # imports torch._dynamo if train builds DDP
+        before_fork(Call(train, (model,)))   # imports torch._dynamo if train builds DDP
     """
-    if task is None or PRELOAD_MODULE in sys.modules:
+    function = getattr(task, "function", None)
+    if function is None or PRELOAD_MODULE in sys.modules:
         return
-    if reason_to_preload(task.function, task.args, task.kwargs) is None:
+    if reason_to_preload(function, getattr(task, "args", ()), getattr(task, "kwargs", None)) is None:
         return
     try:
         importlib.import_module(PRELOAD_MODULE)
