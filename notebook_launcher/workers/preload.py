@@ -39,7 +39,7 @@ holds a lock at fork time leaves that lock held forever in the child. Importing
 ``torch._dynamo`` starts no thread (checked on torch 2.13: the process has the same
 threads before and after; `tests/test_first_call_kernel.py` checks it), and it runs in the
 thread that forks, to completion, before the fork. The rendezvous store's server thread
-starts only after every worker is forked (`launcher.start_attempt`), so nothing of ours
+starts only after every worker is forked (`launcher.start_ranks`), so nothing of ours
 runs concurrently with the import or the fork either. An exception from the import is
 swallowed: the preload is a speed-up, never a reason for a launch to fail.
 """
