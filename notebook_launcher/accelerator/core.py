@@ -595,7 +595,7 @@ class Accelerator:
             logged_step = metrics.pop("step")
             step = int(logged_step) if step is None else step
         reporting.report(step=step, **metrics)
-        self._trackers.log({**metrics, **text}, step, log_kwargs, reported=True)
+        self._trackers.log({**metrics, **text}, step, log_kwargs, reported=True, plain=True)
 
     def get_tracker(self, name: str, unwrap: bool = False) -> WorkerTracker:
         """The tracker ``name`` (one of ``log_with``), after `init_trackers`.

@@ -78,12 +78,13 @@ class TrackerClient:
             self._deliver(message, now=True)
 
     def log(self, values: dict, step: Optional[int], log_kwargs: Optional[dict] = None,
-            tracker: Optional[str] = None, reported: bool = False) -> None:
+            tracker: Optional[str] = None, reported: bool = False, plain: bool = False) -> None:
+        """``plain``: ``values`` is already flat numbers and strings (Accelerator.log made it so)."""
         if not (self.initialized and self.is_main):
             return
-        plain = self.loggable(values)
-        if plain:
-            self._deliver(TrackerLog(plain, step, plain_config(log_kwargs or {}), tracker, reported))
+        values = values if plain else self.loggable(values)
+        if values:
+            self._deliver(TrackerLog(values, step, plain_config(log_kwargs) if log_kwargs else {}, tracker, reported))
 
     def store_config(self, config: dict, tracker: Optional[str] = None) -> None:
         if self.initialized and self.is_main:
