@@ -160,7 +160,7 @@ def test_03_when_things_go_wrong(tmp_path):
     interrupt = cell(nb, "interrupt")
     after = re.search(r"KeyboardInterrupt after ([\d.]+) s; workers left: \[\]", text(interrupt))
     assert after, text(interrupt)
-    assert 2 <= float(after.group(1)) < 6          # the timer fires at 2 s; teardown within ~2 s
+    assert 2 <= float(after.group(1)) < 4          # the timer fires at 2 s; every worker gone within 2 s of it
     assert "interrupted" in final_summary(interrupt)["text/html"]
 
     next_launch = cell(nb, "next-launch")

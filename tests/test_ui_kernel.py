@@ -178,3 +178,19 @@ def test_kernel_shutdown_reaps_a_background_run():
     while pids_alive(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pids_alive(pids)
+
+
+def test_a_quick_call_builds_no_dashboard_and_a_reporting_one_does():
+    with Kernel(startup="import sys, time\nfrom notebook_launcher import notebook_launcher, report") as k:
+        quick = k.run("print(notebook_launcher(lambda: 'quick', num_processes=2, device='cpu'))\n"
+                      "print('matplotlib' in sys.modules)")
+        assert quick.status == "ok", quick.traceback
+        assert quick.stdout.splitlines()[-2:] == ["quick", "False"]     # nothing heavy was imported
+        assert quick.widget_states == []                                 # and no widget was made
+        assert any("succeeded" in d.get("text/html", "") for d in quick.displays)   # the static summary
+        reporting = k.run("def train():\n    for step in range(5):\n        report(step, loss=1.0 / (step + 1))\n"
+                          "notebook_launcher(train, num_processes=2, device='cpu')")
+        assert reporting.status == "ok", reporting.traceback
+        assert reporting.widget_states, "a run that reports shows its live dashboard"
+        summary = [d.get("text/html", "") for d in reporting.displays]
+        assert any("loss" in h and "succeeded" in h for h in summary), summary

@@ -11,6 +11,11 @@ most 10 times a second, text twice a second, the plot about once a second or les
 first frame, drawn as soon as the first metric arrives. When the run
 ends the dashboard is replaced by the static summary of `ui.snapshot`.
 
+The dashboard appears when there is something to show: a rank reports a metric or a
+progress step, or the run has gone on for `APPEAR_AFTER` seconds. A call that ends sooner
+never builds widgets nor imports matplotlib (together about 0.7 s of a kernel's first
+call on 2 cores): its summary is static HTML from the start.
+
 Only one thread touches the widgets: the supervisor's. Control changes made in the
 browser arrive on the kernel's main thread; their handlers only set a flag.
 """
@@ -33,6 +38,7 @@ PLOT_INTERVAL = 1.0       # at most one new PNG a second...
 PLOT_DUTY = 0.02          # ...and less often if drawing would take more than 2 % of a core
 LOG_PANEL_LINES = 100     # lines in the live log panel
 MAX_BARS = 3              # nesting levels shown
+APPEAR_AFTER = 0.5        # seconds a run without metrics or progress goes on before the dashboard appears
 END_STYLE = {"succeeded": "success", "failed": "danger"}  # bar style at the end (else "warning")
 
 
@@ -73,6 +79,12 @@ class WidgetsView(View):
 
     # ------------------------------------------------------------- View API
     def open(self) -> None:
+        """Show the dashboard now when it goes into a host (a ``block=False`` run's frame,
+        already displayed); in a cell of its own it appears on demand (`refresh`)."""
+        if self.host is not None:
+            self._show()
+
+    def _show(self) -> None:
         if self.box is not None:
             return
         self._build()
@@ -84,20 +96,33 @@ class WidgetsView(View):
             self._handle = display(self.box, display_id=True)
 
     def start(self, state: RunState) -> None:
-        self.open()
-        self._guarded(self._render, state, True)
-        self._guarded(self._plotter)  # import matplotlib while the workers start
+        if self.box is not None:
+            self._guarded(self._render, state, True)
+            self._guarded(self._plotter)  # import matplotlib while the workers start
+
+    def _due(self, state: RunState) -> bool:
+        return bool(state.reports_seen or state.progress) or state.elapsed >= APPEAR_AFTER
 
     def output(self, rank: int, stream: str, lines: list) -> None:
         """Lines are already in ``state.log``; the log panel shows them at its own pace."""
 
     def refresh(self, state: RunState) -> None:
-        if not self._broken:
-            self._guarded(self._render, state, False)
+        if self._broken:
+            return
+        if self.box is None:
+            if not self._due(state):
+                return
+            self._guarded(self._show)
+            self._guarded(self._render, state, True)
+            return
+        self._guarded(self._render, state, False)
 
     def finish(self, state: RunState) -> None:
-        self.open()
         try:
+            if self.box is None and not self._due(state):
+                self._finish_static(state)
+                return
+            self._show()
             self._finish(state)
         except Exception as exc:  # never let the dashboard hide how the run ended
             print(f"notebook_launcher: the dashboard failed ({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -250,6 +275,14 @@ class WidgetsView(View):
             self._replace_output(self.snapshot)
         else:
             self._freeze(self.snapshot)
+
+    def _finish_static(self, state: RunState) -> None:
+        """A run that ended before its dashboard was due: only the static summary."""
+        from IPython.display import display
+
+        self.snapshot = snapshot.build(state, self.title, self.prefix, None)
+        for bundle in self.snapshot.bundles():
+            display(bundle, raw=True)
 
     def _replace_output(self, snap: snapshot.Snapshot) -> None:
         """Blocking run: the cell is still executing, so its output can be replaced for good."""
