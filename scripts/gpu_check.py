@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -18,22 +17,9 @@ import torch.distributed as dist
 from notebook_launcher import LaunchConfigError, WorkerError, notebook_launcher
 from notebook_launcher import environment
 
-RESULTS: list = []
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import check, verdict  # noqa: E402
 
-
-def check(name):
-    def wrap(fn):
-        start = time.monotonic()
-        try:
-            detail = fn()
-            RESULTS.append(True)
-            print(f"PASS {name} ({time.monotonic() - start:.2f}s) {detail or ''}", flush=True)
-        except Exception:
-            RESULTS.append(False)
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-        return fn
-    return wrap
 
 
 def nccl_all_reduce():
@@ -166,8 +152,7 @@ def main() -> int:
             return str(exc)[:80]
         raise AssertionError("no error")
 
-    print(f"{sum(RESULTS)} passed, {len(RESULTS) - sum(RESULTS)} failed")
-    return 0 if all(RESULTS) else 1
+    return verdict()
 
 
 if __name__ == "__main__":

@@ -19,28 +19,15 @@ import subprocess
 import sys
 import textwrap
 import time
-import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from kernel_harness import Kernel, pids_alive  # noqa: E402
 
-RESULTS: list = []
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import check, verdict  # noqa: E402
 
-
-def check(name):
-    def wrap(fn):
-        start = time.monotonic()
-        try:
-            detail = fn()
-            RESULTS.append(True)
-            print(f"PASS {name} ({time.monotonic() - start:.2f}s) {detail or ''}", flush=True)
-        except Exception:
-            RESULTS.append(False)
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-        return fn
-    return wrap
 
 
 def gpu_memory_by_pid() -> dict:
@@ -119,5 +106,4 @@ def session_after_cuda_init():
 
 
 if __name__ == "__main__":
-    print(f"{sum(RESULTS)}/{len(RESULTS)} checks passed")
-    sys.exit(0 if all(RESULTS) else 1)
+    sys.exit(verdict())
