@@ -20,6 +20,8 @@ from notebook_launcher import environment
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from checks import check, verdict  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 
 def nccl_all_reduce():
