@@ -20,7 +20,7 @@ import selectors
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import threading
 

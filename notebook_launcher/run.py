@@ -21,7 +21,6 @@ kernel takes its workers with it through the parent-death signal and the control
 from __future__ import annotations
 
 import atexit
-import sys
 import threading
 import time
 import weakref

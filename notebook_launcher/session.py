@@ -28,7 +28,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import weakref
 from typing import Any, Optional
 

@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .. import channel as ch
 from ..serialization import dumps_result, loads_task
