@@ -5,8 +5,9 @@ The supervisor hands it every message of the call (`on_message`, as one of its
 ``log_with``, rank 0's ``report()`` values; teardown calls `close` on every path. Those calls only append to a bounded queue: a writer thread of its own
 opens the runs, writes and closes them, so a slow tracker (a remote MLflow server, a
 wandb upload) never slows the training loop nor the dashboard. When the writer falls
-more than `QUEUE_LIMIT` items behind, new logged values are dropped (counted, said at
-close); opening, config and closing are never dropped.
+more than `QUEUE_LIMIT` items behind, newly logged steps are dropped (counted, said at
+close); opening, config and closing are never dropped. (TensorBoard costs this process
+about 60 us of CPU per step: a loop logging over ~15,000 steps a second outruns it.)
 
 Restarts: one tracker run per attempt. Make one hub per attempt (``attempt=`` its
 number) and close it in that attempt's teardown: the failed attempt's run is closed as
@@ -294,7 +295,7 @@ class TrackerHub:
             if more:
                 self._warn(f"notebook_launcher: {KINDS[name].title} failed {more} more time(s) after that.")
         if self._queue.dropped:
-            self._warn(f"notebook_launcher: {self._queue.dropped} logged values were not written: "
+            self._warn(f"notebook_launcher: {self._queue.dropped} logged steps were not written: "
                        "the trackers fell behind the training loop.")
 
 
