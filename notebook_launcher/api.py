@@ -39,6 +39,7 @@ def notebook_launcher(
     block: bool = True,
     log_with: Any = None,
     project_name: Optional[str] = None,
+    logging_dir: Optional[str] = None,
 ) -> Any:
     """Run ``function(*args, **kwargs)`` in ``num_processes`` workers wired into one
     ``torch.distributed`` job, and return rank 0's return value.
@@ -77,10 +78,11 @@ def notebook_launcher(
         on_stall: "warn" (show the stacks, keep running) or "raise" (stop the run and
             raise WorkerError carrying the stacks).
         rdzv_timeout: several machines: seconds to wait for every node to arrive.
-        log_with, project_name: experiment trackers ("tensorboard", "mlflow", "wandb",
-            "trackio", a list, or "all") that every rank-0 ``report()`` is written to, in
-            this notebook process (one run per attempt). ``Accelerator(log_with=...)``
-            inside the function works without these.
+        log_with, project_name, logging_dir: experiment trackers ("tensorboard", "mlflow",
+            "wandb", "trackio", a list, or "all") that every rank-0 ``report()`` is written
+            to, in this notebook process. A restart gets a run of its own (the failed
+            attempt's run is closed as failed). ``Accelerator(log_with=...)`` inside the
+            function works without these.
 
     Raises:
         WorkerError: a worker failed. ``.rank`` is the rank that failed first,
@@ -110,6 +112,7 @@ def notebook_launcher(
         backend=backend, device=device, return_all=return_all, display=display,
         stall_timeout=stall_timeout, on_stall=on_stall, rdzv_timeout=rdzv_timeout,
         rdzv_id=rdzv_id, rdzv_conf=rdzv_conf, log_with=log_with, project_name=project_name,
+        logging_dir=logging_dir,
     )
     for note in config.notes:
         print(note, file=sys.stderr)

@@ -59,6 +59,7 @@ class LaunchConfig:
     notes: tuple = ()                              # one-line messages for the person, printed at launch
     log_with: tuple = ()                           # trackers every rank-0 report() is written to
     project_name: Optional[str] = None             # their run's project
+    logging_dir: Optional[str] = None              # where file-based trackers write (default ./runs)
 
     @property
     def world_size(self) -> int:
@@ -90,7 +91,7 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
             device: Any = "auto", return_all: bool = False, display: str = "auto",
             stall_timeout: Any = None, on_stall: Any = "warn", rdzv_timeout: Any = 600,
             rdzv_id: Any = "none", rdzv_conf: Any = None, log_with: Any = None,
-            project_name: Optional[str] = None) -> LaunchConfig:
+            project_name: Optional[str] = None, logging_dir: Optional[str] = None) -> LaunchConfig:
     """Check every option and decide every "auto"; raises `LaunchConfigError` saying what to do.
 
     ``function`` is None for a `Session`, whose tasks come later.
@@ -164,7 +165,7 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
         on_stall=on_stall, rdzv_timeout=rdzv_timeout, environment=env,
         extra_env=extra_env, notes=tuple(n for n in (reason, *notes) if n),
         rdzv_backend=rdzv_backend, rdzv_id=str(rdzv_id), rdzv_conf=dict(rdzv_conf or {}),
-        log_with=tuple(log_with), project_name=project_name,
+        log_with=tuple(log_with), project_name=project_name, logging_dir=logging_dir,
     )
 
 

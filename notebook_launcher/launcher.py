@@ -143,7 +143,7 @@ def supervise(run: Attempt, stop: Optional[threading.Event] = None) -> Any:
     """Watch a started attempt to its end (any thread); always tears it down."""
     config, state = run.ranks.config, run.state
     status, failure = RunStatus.FAILED, None
-    hub = TrackerHub(config.log_with or None, config.project_name, attempt=state.attempt)
+    hub = TrackerHub(config.log_with or None, config.project_name, config.logging_dir, attempt=state.attempt)
     try:
         supervisor = Supervisor(run.ranks.io, state, run.view, FIRST_TASK, tick=config.tick,
                                 stall=run.ranks.stall_watch(), stop=stop, sinks=(hub,))

@@ -202,6 +202,9 @@ def test_launcher_log_with_writes_every_rank0_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # report mode writes TensorBoard files under ./runs
     launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorboard", project_name="reports")
     assert scalars(tmp_path / "runs" / "reports", "loss") == [(s, pytest.approx(1.0 / (s + 1))) for s in range(STEPS)]
+    launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorboard", project_name="here",
+           logging_dir=str(tmp_path / "elsewhere"))
+    assert len(scalars(tmp_path / "elsewhere" / "here", "loss")) == STEPS
     with pytest.raises(LaunchConfigError, match="Unknown tracker 'tensorbord'"):
         launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorbord")
 
