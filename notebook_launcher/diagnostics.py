@@ -156,20 +156,14 @@ def _major(version: Optional[str]) -> Optional[int]:
 
 
 def default_launch() -> str:
-    """What ``notebook_launcher(fn)`` with defaults would start from this process."""
+    """What ``notebook_launcher(fn)`` with defaults would start from this process, in the
+    launch banner's words (`LaunchConfig.describe`), e.g. "2 CPU processes (gloo, fork)"."""
     from .config import resolve
 
     try:
-        config = resolve(
-            function=_noop, args=(), kwargs=None, num_processes=None, mixed_precision="no", use_port=None,
-            master_addr="127.0.0.1", node_rank=0, num_nodes=1, rdzv_backend="static", max_restarts=0,
-            monitor_interval=0.1, log_line_prefix_template=None, start_method="auto", backend="auto",
-            device="auto", return_all=False, display="none",
-        )
+        return resolve(_noop, display="none").describe()
     except Exception as exc:  # the report must still print
         return f"unknown ({type(exc).__name__}: {exc})"
-    what = f"{config.nproc} GPU worker" if config.device_type == "cuda" else f"{config.nproc} CPU worker"
-    return f"{what}{'s' if config.nproc != 1 else ''} ({config.backend}, {config.start_method})"
 
 
 def _noop() -> None:

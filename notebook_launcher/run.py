@@ -199,7 +199,7 @@ class Run:
             from .ui.plot import MetricsPlot
 
             png = MetricsPlot().render(self.state.series, final=True)
-        prefix = self.view.prefix if self.view is not None else (lambda rank: f"[rank{rank}]: ")
+        prefix = (self.view or View(self.config.line_prefix)).prefix
         return snapshot.build(self.state, self.title, prefix, png)
 
     def summary_line(self) -> str:

@@ -37,7 +37,7 @@ def test_env_reports_the_machine_without_initializing_cuda():
     gpus = environment.cuda_device_count()
     assert f"GPUs:" in text and f"{gpus} visible to torch" in text
     if gpus == 0:
-        assert "starts 2 CPU workers (gloo, fork)" in text
+        assert "starts 2 CPU processes (gloo, fork)" in text
 
 
 def test_env_json_is_complete_and_detects_kaggle():

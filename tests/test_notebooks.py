@@ -187,7 +187,7 @@ def test_04_kaggle_colab_multi_gpu(tmp_path):
     assert "rank 0 (cpu, gloo): ok" in check and "rank 1 (cpu, gloo): ok" in check
     assert "PASS: 2 processes (gloo)" in check
 
-    assert ("notebook_launcher(train, **{'num_processes': None, 'mixed_precision': 'no'}) starts 2 CPU workers"
+    assert ("notebook_launcher(train, **{'num_processes': None, 'mixed_precision': 'no'}) starts 2 CPU processes"
             in text(cell(nb, "settings")))
     training = cell(nb, "training")
     assert "succeeded" in final_summary(training)["text/html"]
