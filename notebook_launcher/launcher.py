@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import linecache
 import os
+import selectors
 import signal
 import sys
 import threading
@@ -36,7 +37,8 @@ from .state import Finished, RunState, RunStatus
 from .trackers import TrackerHub
 from .ui.base import View
 from .workers.bootstrap import InheritedFds, WorkerSpec
-from .workers.processes import (resource_tracker_running, start_workers, stop_resource_tracker, stop_workers)
+from .workers.processes import (keep_from_children, release, resource_tracker_running, start_workers,
+                                stop_resource_tracker, stop_workers)
 from .workers.stacks import StackDumps
 from .workers.tasks import Call
 
@@ -60,6 +62,7 @@ class Ranks:
     stacks: StackDumps
     tracker_was_running: bool
     io: list = field(default_factory=list)   # RankIO per local rank
+    store_fd: Optional[int] = None           # the store's listening socket, while it lives
 
     @property
     def handles(self) -> list:
@@ -88,6 +91,9 @@ def start_ranks(config: LaunchConfig, attempt: int, *, persistent: bool,
     try:
         specs = _spec_factory(config, rdzv, ranks.stacks, persistent, first_task)
         ranks.io = [RankIO(h) for h in start_workers(config.start_method, specs, config.nproc)]
+        if rdzv.listener is not None:
+            ranks.store_fd = rdzv.listener.fileno()
+            keep_from_children(ranks.store_fd)
         rdzv.serve()  # only now: no store thread may be running while workers fork
     except BaseException:
         teardown(ranks, graceful=False)
@@ -101,10 +107,11 @@ def teardown(ranks: Ranks, graceful: bool, term_grace: float = TEARDOWN_GRACE) -
     themselves (they returned, or were told to shut down) get `EXIT_GRACE` first;
     ``term_grace``: seconds between SIGTERM and SIGKILL (0: kill at once)."""
     steps = [
-        lambda: graceful and _wait_for_exits(ranks.handles, EXIT_GRACE),
+        lambda: graceful and _wait_for_exits(ranks, EXIT_GRACE),
         lambda: stop_workers(ranks.handles, grace=term_grace),
         lambda: [handle.close_all() for handle in ranks.handles],
         lambda: ranks.rdzv is not None and ranks.rdzv.close(),
+        lambda: ranks.store_fd is not None and release(ranks.store_fd),
         lambda: ranks.tracker_was_running or stop_resource_tracker(),
         ranks.stacks.close,
     ]
@@ -129,14 +136,20 @@ class Attempt:
 def start_attempt(config: LaunchConfig, view: View, attempt: int) -> Attempt:
     ranks = start_ranks(config, attempt, persistent=False,
                         first_task=Call(config.function, config.args, config.kwargs))
-    config = ranks.config
-    state = RunState(
-        world_size=config.world_size,
-        local_ranks=list(range(config.first_rank, config.first_rank + config.nproc)),
-        backend=config.backend, device=config.device_type, start_method=config.start_method,
-        attempt=attempt,
-    )
-    return Attempt(ranks, view, state)
+    return Attempt(ranks, view, new_state(ranks.config, attempt=attempt))
+
+
+def new_state(config: LaunchConfig, ranks: Optional[list] = None, attempt: int = 0) -> RunState:
+    """The state of a call on ``ranks`` (default: every rank of this node).
+
+    Example::
+
+        state = new_state(config)          # ranks 0 and 1 of a 2-process launch
+    """
+    if ranks is None:
+        ranks = list(range(config.first_rank, config.first_rank + config.nproc))
+    return RunState(world_size=config.world_size, local_ranks=list(ranks), backend=config.backend,
+                    device=config.device_type, start_method=config.start_method, attempt=attempt)
 
 
 def supervise(run: Attempt, stop: Optional[threading.Event] = None) -> Any:
@@ -157,8 +170,7 @@ def supervise(run: Attempt, stop: Optional[threading.Event] = None) -> Any:
         if outcome.root is not None:
             failure = outcome.root
             _fill_exitcodes(run.ranks, outcome.failures)
-            raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root],
-                              attempt=state.attempt) from outcome.root.exception
+            raise outcome.error(attempt=state.attempt)
         status = RunStatus.SUCCEEDED
         return collect(config, outcome.results, state.local_ranks, config.return_all)
     except KeyboardInterrupt:
@@ -271,13 +283,43 @@ def notebook_sources(skip: frozenset = frozenset()) -> dict:
             if len(entry) == 4 and entry[1] is None and name not in skip}
 
 
-def _wait_for_exits(handles: list, timeout: float) -> None:
+def _wait_for_exits(ranks: Ranks, timeout: float) -> None:
+    """Let ranks that are ending by themselves exit, reading their pipes meanwhile: a rank
+    whose output nobody reads blocks in its last flush (64 KiB fill a pipe). What they
+    print on the way out is shown, rank-prefixed."""
+    view = View(ranks.config.line_prefix)
     deadline = time.monotonic() + timeout
-    for handle in handles:
-        handle.process.join(timeout=max(0.0, deadline - time.monotonic()))
+    with selectors.DefaultSelector() as selector:
+        for io in ranks.io:
+            if io.handle.poll() is None:
+                for what, fd in io.fds().items():
+                    if fd not in io.handle.closed:
+                        selector.register(fd, selectors.EVENT_READ, (io, what))
+        while any(h.poll() is None for h in ranks.handles) and time.monotonic() < deadline:
+            for key, _ in selector.select(min(0.05, max(0.0, deadline - time.monotonic()))):
+                _show_last_words(selector, key, view)
+            for handle in ranks.handles:
+                handle.process.join(timeout=0)
+    for handle in ranks.handles:
         if handle.poll() is None:
             print(f"notebook_launcher: rank {handle.rank} did not exit within {timeout:g}s: stopping it",
                   file=sys.stderr)
+
+
+def _show_last_words(selector, key, view: View) -> None:
+    io, what = key.data
+    try:
+        data = os.read(key.fd, 1 << 16)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""
+    if not data:
+        selector.unregister(key.fd)
+    elif what != "events":  # a closing rank's messages belong to no call any more
+        lines = io.splitters[what].feed(data)
+        if lines:
+            view.output(io.rank, what, lines)
 
 
 def _fill_exitcodes(ranks: Ranks, failures: list) -> None:

@@ -46,7 +46,7 @@ def _parsers() -> tuple:
     start.add_argument("--backend", default="auto")
     start.add_argument("--start-method", default="auto")
     start.add_argument("--display", default="auto")
-    start.add_argument("--stall-timeout", type=float, default=300.0)
+    start.add_argument("--stall-timeout", type=float, default=300.0, help="seconds; 0 turns it off")
     start.add_argument("--on-stall", default="warn")
     commands.add_parser("stop", add_help=False)
     commands.add_parser("status", add_help=False)
@@ -75,7 +75,7 @@ class DistMagics(Magics):
     def dist(self, line: str, cell: Optional[str] = None):
         if cell is not None:
             return self._run_cell(line, cell)
-        args = self._line_parser.parse_args(shlex.split(line))
+        args = self._line_parser.parse_args(_split(line))
         if args.command is None:
             raise UsageError(f"%dist needs a command: start, stop, status, pull, push or auto.\n"
                              f"{self._line_parser.format_usage()}")
@@ -83,12 +83,14 @@ class DistMagics(Magics):
 
     # ------------------------------------------------------------- line commands
     def _start(self, args) -> None:
+        options = dict(mixed_precision=args.mixed_precision, device=args.device, backend=args.backend,
+                       start_method=args.start_method, display=args.display,
+                       stall_timeout=args.stall_timeout or None, on_stall=args.on_stall)
+        Session.check_options(args.num_processes, **options)  # a typo must not cost the running session
         if self._open():
             print(f"Stopping the running session first ({self.session.title}).")
             self.session.close()
-        self.session = Session(args.num_processes, mixed_precision=args.mixed_precision, device=args.device,
-                               backend=args.backend, start_method=args.start_method, display=args.display,
-                               stall_timeout=args.stall_timeout, on_stall=args.on_stall)
+        self.session = Session(args.num_processes, **options)
         print(f"Session started: {self.session.title}. Run cells on every rank with %%dist.")
 
     def _stop(self, args) -> None:
@@ -135,13 +137,15 @@ class DistMagics(Magics):
 
     # ------------------------------------------------------------- %%dist
     def _run_cell(self, line: str, cell: str) -> None:
-        args = self._cell_parser.parse_args(shlex.split(line))
+        args = self._cell_parser.parse_args(_split(line))
         ranks = None
-        if args.ranks:
+        if args.ranks is not None:
             try:
                 ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
             except ValueError:
-                raise UsageError(f"%%dist --ranks takes comma-separated numbers, got {args.ranks!r}.") from None
+                ranks = []
+            if not ranks:
+                raise UsageError(f"%%dist --ranks takes comma-separated rank numbers, e.g. --ranks 0,1; got {args.ranks!r}.")
         session = self._require()
         try:
             shown = session.execute(cell, ranks=ranks)
@@ -158,6 +162,14 @@ class DistMagics(Magics):
         if not self._open():
             raise UsageError(NO_SESSION)
         return self.session
+
+
+def _split(line: str) -> list:
+    """The magic's arguments, shell-style; a stray quote is a usage error, not a crash."""
+    try:
+        return shlex.split(line, comments=True)
+    except ValueError as exc:
+        raise UsageError(f"could not read the arguments {line!r}: {exc}") from None
 
 
 def _error_lines(error: WorkerError) -> list:

@@ -5,8 +5,9 @@ A call is one task on a set of ranks (a launch attempt's function, a ``session.r
 a ``%%dist`` cell). It ends when every rank sent the result or the error of THAT task
 (messages carry a task id; a late message of an earlier task is ignored), or when a
 failure decides it: in a one-shot launch a real failure decides at once (after
-`PRIMARY_WINDOW`, to catch ranks failing at the same moment), in a session the other
-ranks get `PEER_GRACE` to finish the task too, so that the session survives a user error.
+`PRIMARY_WINDOW`, to catch ranks failing at the same moment); in a session the other
+ranks may finish the task too, so that the session survives a user error, as long as
+they show signs of life (a rank silent for `PEER_GRACE` is stuck).
 
 The loop decodes messages into `RunState` events, forwards output lines to the view,
 notes failures and picks the root cause. It never stops processes; its caller (the
@@ -25,7 +26,7 @@ from typing import Optional
 import threading
 
 from . import channel as ch
-from .errors import Failure, failure_from
+from .errors import Failure, WorkerError, failure_from
 from .state import (Exited, Heartbeat, Metrics, Output, Progress, Ready, RunState, Stalled, Started,
                     TaskEnded)
 from .ui.base import View
@@ -34,7 +35,8 @@ from .workers.processes import WorkerHandle, signal_workers
 TICK = 0.1                  # seconds between view refreshes when nothing arrives
 FAILURE_WINDOW = 0.25       # after a "lost my peer" failure, how long to listen for the real one
 PRIMARY_WINDOW = 0.05       # after a real failure: collect ranks failing at the same moment
-PEER_GRACE = 1.5            # session: after a failure, how long the other ranks may take to end the task
+PEER_GRACE = 2.5            # session, after a failure: a rank silent this long (heartbeats come every 1 s
+#                             while its stack moves) counts as stuck
 MAX_LINE = 64 * 1024        # a pending partial line (no newline yet) longer than this is emitted as is
 
 
@@ -91,6 +93,19 @@ class Outcome:
     died: list = field(default_factory=list)        # ranks whose process ended during the call
     stopped: bool = False                           # a stop request ended it
 
+    def error(self, attempt: int = 0) -> "WorkerError":
+        """The `WorkerError` for a call that failed (``root`` is set), chained to the
+        rank's own exception when it could be rebuilt.
+
+        Example::
+
+            if outcome.root is not None:
+                raise outcome.error()
+        """
+        error = WorkerError(self.root, [f for f in self.failures if f is not self.root], attempt=attempt)
+        error.__cause__ = self.root.exception
+        return error
+
 
 class Supervisor:
     """Watches one call on ``ranks`` until it is decided.
@@ -121,8 +136,11 @@ class Supervisor:
         self.finished: set = set()
         self._failures: dict[int, Failure] = {}
         self._decide_at: Optional[float] = None      # set by the first failure
+        self._heard: dict = {}                       # rank -> when it last showed a sign of life
+        self._cpu: dict = {}                         # rank -> (CPU ticks used, when that last grew)
         self._selector = selectors.DefaultSelector()
         self._registered = False
+        self._closed = False
         self._give_up_at: Optional[float] = None
 
     # ------------------------------------------------------------- main loop
@@ -157,7 +175,10 @@ class Supervisor:
         return sorted(self._unfinished())
 
     def close(self) -> None:
-        """Take what is already in the pipes (last lines), then release the selector."""
+        """Take what is already in the pipes (last lines), then release the selector. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._drain()
         finally:
@@ -198,7 +219,24 @@ class Supervisor:
                 (self._give_up_at is not None and self.clock() >= self._give_up_at):
             self.outcome.stopped = True
             return True
-        return self._decide_at is not None and self.clock() >= self._decide_at
+        if self._decide_at is None or self.clock() < self._decide_at:
+            return False
+        return not (self.persistent and self._others_alive())
+
+    def _others_alive(self) -> bool:
+        """Session: after a failure, a rank still working on the task is waited for; only
+        ranks silent for `PEER_GRACE` (no message, no output line, no CPU time spent: stuck
+        waiting in a collective the failed rank never joined) let the call end without them."""
+        now = self.clock()
+        for rank in self._unfinished():
+            spent = _cpu_ticks(self.ranks[rank].handle.pid)
+            if rank not in self._cpu:
+                self._cpu[rank] = (spent, -1.0)          # the first look is a baseline, not a sign of life
+            elif spent is not None and spent != self._cpu[rank][0]:
+                self._cpu[rank] = (spent, now)
+            if max(self._heard.get(rank, -1.0), self._cpu.get(rank, (None, -1.0))[1]) >= now - PEER_GRACE:
+                return True
+        return False
 
     # ------------------------------------------------------------- reading
     def _read(self, io: RankIO, what: str, fd: int) -> str:
@@ -234,6 +272,7 @@ class Supervisor:
     def _emit_lines(self, rank: int, stream: str, lines: list) -> None:
         if not lines:
             return
+        self._heard[rank] = self.clock()
         if self.stall is not None:
             self.stall.active(rank, self.clock())
         self.state.apply(Output(rank, stream, tuple(lines), self.clock()))
@@ -245,6 +284,7 @@ class Supervisor:
             io.ready = True
         if envelope.task_id not in (0, self.task_id):
             return  # a late message of a task that already ended (e.g. after an Interrupt)
+        self._heard[rank] = now
         if self.stall is not None:
             self.stall.active(rank, now, ready=isinstance(message, ch.RankReady))
         if isinstance(message, ch.Heartbeat):
@@ -332,9 +372,8 @@ class Supervisor:
             for what, fd in io.fds().items():
                 if registered is not None and fd in registered:
                     self._drain_fd(io, what, fd)
-            if io.handle.exitcode is not None or not self.persistent:
-                for stream, splitter in io.splitters.items():
-                    self._emit_lines(io.rank, stream, splitter.flush())
+            for stream, splitter in io.splitters.items():  # a task's partial last line is its own
+                self._emit_lines(io.rank, stream, splitter.flush())
 
     def conclude(self) -> Outcome:
         failures = list(self._failures.values())
@@ -343,6 +382,17 @@ class Supervisor:
             self.outcome.failures = failures
             self.outcome.root = pick_root_cause(failures)
         return self.outcome
+
+
+def _cpu_ticks(pid: int) -> Optional[int]:
+    """CPU time a process's main thread has used (user + system, in clock ticks), or None
+    off Linux. The main thread only: our heartbeat and channel threads tick along in any rank."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])   # utime, stime: fields 14 and 15 of proc(5)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def likely_culprit(stuck: list, stacks: dict) -> int:

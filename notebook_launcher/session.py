@@ -10,10 +10,10 @@ channel and supervisor, with ranks that exit after their one task.
 
 Failure semantics (the README's "Interactive sessions" says the same to users):
 - a task raises on some rank: the call raises `WorkerError` naming the rank that failed
-  first; if every other rank ends the task within `monitor.PEER_GRACE`, the session stays
-  usable, with every rank's variables kept for inspection;
-- a rank dies, or ranks stay stuck (in a collective the failed rank never joined): the
-  session is BROKEN and its ranks are stopped; the next call says so in one line,
+  first; if every other rank ends the task too (the call waits while they show signs of
+  life), the session stays usable, with every rank's variables kept for inspection;
+- a rank dies, or ranks stay silent for `monitor.PEER_GRACE` (stuck in a collective the
+  failed rank never joined): the session is BROKEN and its ranks are stopped; the next call says so in one line,
   starts fresh ranks, then runs;
 - Interrupt: forwarded to every rank as KeyboardInterrupt; ranks that leave the task
   within `INTERRUPT_GRACE` keep the session alive, the others are killed and the session is
@@ -23,7 +23,6 @@ Failure semantics (the README's "Interactive sessions" says the same to users):
 
 from __future__ import annotations
 
-import atexit
 import os
 import signal
 import sys
@@ -33,8 +32,9 @@ from typing import Any, Optional
 
 from . import channel as ch
 from .config import LaunchConfig, resolve
-from .errors import LaunchConfigError, WorkerError
-from .launcher import Ranks, collect, finish_view, interrupts_deferred, notebook_sources, start_ranks, teardown
+from .errors import LaunchConfigError
+from .launcher import (Ranks, collect, finish_view, interrupts_deferred, new_state, notebook_sources, start_ranks,
+                       teardown)
 from .monitor import Supervisor
 from .serialization import dumps_task
 from .state import RunState, RunStatus, Status
@@ -89,9 +89,9 @@ class Session:
                  display: str = "auto", stall_timeout: Optional[float] = 300.0, on_stall: str = "warn",
                  monitor_interval: float = 0.1, log_line_prefix_template: Optional[str] = None,
                  use_port: Optional[int] = None, master_addr: str = "127.0.0.1") -> None:
-        self.config: LaunchConfig = resolve(
-            None, num_processes=num_processes, mixed_precision=mixed_precision, start_method=start_method,
-            backend=backend, device=device, display=display, stall_timeout=stall_timeout, on_stall=on_stall,
+        self.config: LaunchConfig = self.check_options(
+            num_processes, mixed_precision=mixed_precision, start_method=start_method, backend=backend,
+            device=device, display=display, stall_timeout=stall_timeout, on_stall=on_stall,
             monitor_interval=monitor_interval, log_line_prefix_template=log_line_prefix_template,
             use_port=use_port, master_addr=master_addr)
         self.title = self.config.describe()
@@ -103,37 +103,53 @@ class Session:
         self._generation = 0
         self._sent_sources: set = set()
         self._lock = threading.Lock()               # one call at a time
+        self._reaper: Optional[weakref.finalize] = None  # stops the ranks if the Session is dropped unclosed
         for note in self.config.notes:
             print(note, file=sys.stderr)
         self._start()
 
+    @staticmethod
+    def check_options(num_processes: Optional[int] = None, **options) -> LaunchConfig:
+        """Check a session's options without starting anything; raises `LaunchConfigError`
+        saying what to do (``%dist start`` checks before it stops a running session).
+
+        Example::
+
+            Session.check_options(2, mixed_precision="fp61")   # LaunchConfigError: unknown mixed_precision...
+        """
+        return resolve(None, num_processes=num_processes, **options)
+
     # ------------------------------------------------------------- life cycle
     def _start(self) -> None:
+        """Start ranks and wait until each formed the process group. On failure the
+        session is BROKEN (the next call tries again) and the error is raised."""
         self.status = SessionStatus.STARTING
         self._sent_sources = set()
-        if self.config.start_method == "fork":
-            _preload_for_cells()
-        self._ranks = start_ranks(self.config, self._generation, persistent=True)
-        _live.add(self)
-        state = self._new_state()
-        supervisor = Supervisor(self._ranks.io, state, View(self.config.line_prefix), 0, persistent=True,
-                                tick=self.config.tick)
         try:
-            outcome = supervisor.run(timeout=START_TIMEOUT)
-        except BaseException:
-            self._stop_ranks(graceful=False)
-            self.status = SessionStatus.CLOSED
+            with interrupts_deferred():  # ranks started are owned (and reaped) before an Interrupt lands
+                if self.config.start_method == "fork":
+                    _preload_for_cells()
+                self._ranks = start_ranks(self.config, self._generation, persistent=True)
+                self._reaper = weakref.finalize(self, teardown, self._ranks, False, 0.0)
+            outcome = self._await_ready()
+        except BaseException as exc:
+            self._break(f"it could not start: {type(exc).__name__}: {exc}")
             raise
+        if outcome.stopped:
+            self._break("its ranks did not start in time")
+            raise TimeoutError(f"the ranks did not form their process group within {START_TIMEOUT:g}s")
+        if outcome.root is not None:
+            self._break(f"rank {outcome.root.rank} could not start")
+            raise outcome.error()
+        self.status = SessionStatus.IDLE
+
+    def _await_ready(self):
+        supervisor = Supervisor(self._ranks.io, new_state(self.config), View(self.config.line_prefix), 0,
+                                persistent=True, tick=self.config.tick)
+        try:
+            return supervisor.run(timeout=START_TIMEOUT)
         finally:
             supervisor.close()
-        if outcome.root is not None or outcome.stopped:
-            self._stop_ranks(graceful=False)
-            self.status = SessionStatus.CLOSED
-            if outcome.root is None:
-                raise TimeoutError(f"the ranks did not form their process group within {START_TIMEOUT:g}s")
-            raise WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root]) \
-                from outcome.root.exception
-        self.status = SessionStatus.IDLE
 
     def close(self) -> None:
         """Stop every rank (they leave their task loop, free their GPU memory and exit)."""
@@ -143,20 +159,21 @@ class Session:
         self.status = SessionStatus.CLOSED
 
     def _stop_ranks(self, graceful: bool, term_grace: Optional[float] = None) -> None:
-        ranks, self._ranks = self._ranks, None
-        _live.discard(self)
-        if ranks is None:
-            return
-        if graceful:
-            try:
-                ranks.send([io.rank for io in ranks.io if io.handle.exitcode is None], ch.Shutdown())
-            except OSError:
-                graceful = False  # a rank is gone: no one to wait for
-        teardown(ranks, graceful=graceful, **({} if term_grace is None else {"term_grace": term_grace}))
+        with interrupts_deferred():
+            ranks, self._ranks = self._ranks, None
+            if ranks is None:
+                return
+            self._reaper.detach()
+            if graceful:
+                try:
+                    ranks.send([io.rank for io in ranks.io if io.handle.exitcode is None], ch.Shutdown())
+                except OSError:
+                    graceful = False  # a rank is gone: no one to wait for
+            teardown(ranks, graceful=graceful, **({} if term_grace is None else {"term_grace": term_grace}))
 
     def _break(self, reason: str) -> None:
-        """The ranks cannot be trusted any more (one died, or is stuck in C): kill them
-        at once, since a SIGTERM would wait in the same stuck call."""
+        """The ranks cannot be trusted any more (one died, is stuck in C, or they could
+        not start): kill them at once, since a SIGTERM would wait in the same stuck call."""
         self.broken_because = reason
         self.status = SessionStatus.BROKEN
         self._stop_ranks(graceful=False, term_grace=0.0)
@@ -271,29 +288,26 @@ class Session:
             self._lock.release()
 
     def _supervise(self, task, targets: list, values_from: list) -> dict:
-        blob = dumps_task(task)
-        sources = notebook_sources(skip=frozenset(self._sent_sources))
         self._task_id += 1
-        task_id = self._task_id
-        for rank in targets:
-            request = ch.TaskRequest(blob, send_value=rank in values_from, sources=sources)
-            self._ranks.send([rank], request, task_id)
-        self._sent_sources.update(sources)
-        state = self.state = self._new_state(targets)
+        state = self.state = new_state(self.config, targets)
         view = self._view()
         hub = TrackerHub()  # a call that runs init_trackers gets its own tracker run, closed with the call
-        supervisor = Supervisor([io for io in self._ranks.io if io.rank in targets], state, view, task_id,
+        supervisor = Supervisor([io for io in self._ranks.io if io.rank in targets], state, view, self._task_id,
                                 persistent=True, tick=self.config.tick, stall=self._ranks.stall_watch(),
                                 sinks=(hub,))
         self.status = SessionStatus.RUNNING
         status, failure = RunStatus.FAILED, None
         try:
             try:
+                self._send_task(task, targets, values_from)
                 outcome = supervisor.run()
             except KeyboardInterrupt:
                 status = RunStatus.INTERRUPTED
                 with interrupts_deferred():
-                    self._interrupt(supervisor)
+                    stuck = self._interrupt(supervisor)
+                    supervisor.close()  # before any break closes the pipes it reads
+                    if stuck:
+                        self._break(f"rank {stuck[0]} could not be interrupted")
                 raise
             finally:
                 supervisor.close()
@@ -302,11 +316,11 @@ class Session:
                 self._break(f"rank {who[0]} {'died' if outcome.died else 'did not finish the task'}")
             if outcome.root is not None:
                 failure = outcome.root
-                error = WorkerError(outcome.root, [f for f in outcome.failures if f is not outcome.root])
+                error = outcome.error()
                 if self.status == SessionStatus.BROKEN:
                     error.notes.append(f"The session is broken ({self.broken_because}): its ranks were stopped, "
                                        "and the next call starts fresh ones.")
-                raise error from outcome.root.exception
+                raise error
             status = RunStatus.SUCCEEDED
             return outcome.results
         finally:
@@ -314,25 +328,29 @@ class Session:
                 self.status = SessionStatus.IDLE
             finish_view(view, state, status, failure, hub)
 
-    def _interrupt(self, supervisor: Supervisor) -> None:
-        """Forward the Interrupt to the ranks still in the task; break the session if
-        some cannot leave it in time (blocked in C, e.g. a collective)."""
+    def _send_task(self, task, targets: list, values_from: list) -> None:
+        """Write the task to every target rank, whole: an Interrupt waits until every
+        frame is written (a rank with half a request would wait for the rest forever),
+        then lands in the supervised call, which forwards it to the ranks."""
+        blob = dumps_task(task)
+        sources = notebook_sources(skip=frozenset(self._sent_sources))
+        with interrupts_deferred():
+            for send_value in (True, False):
+                ranks = [r for r in targets if (r in values_from) == send_value]
+                if ranks:
+                    self._ranks.send(ranks, ch.TaskRequest(blob, send_value, sources), self._task_id)
+        self._sent_sources.update(sources)
+
+    def _interrupt(self, supervisor: Supervisor) -> list:
+        """Forward the Interrupt to the ranks still in the task; returns those that could
+        not leave it in time (blocked in C, e.g. a collective)."""
         for io in self._ranks.io:
             if io.rank in supervisor.ranks and io.rank not in supervisor.finished and io.handle.exitcode is None:
                 try:
                     os.kill(io.handle.pid, signal.SIGINT)
                 except ProcessLookupError:
                     pass
-        stuck = supervisor.wind_down(INTERRUPT_GRACE)
-        if stuck:
-            self._break(f"rank {stuck[0]} could not be interrupted")
-        else:
-            self.status = SessionStatus.IDLE
-
-    def _new_state(self, targets: Optional[list] = None) -> RunState:
-        config = self.config
-        return RunState(world_size=config.world_size, local_ranks=list(targets or self.ranks),
-                        backend=config.backend, device=config.device_type, start_method=config.start_method)
+        return supervisor.wind_down(INTERRUPT_GRACE)
 
     def _view(self) -> View:
         """Output lines at once; the dashboard only once a rank reports or shows progress,
@@ -358,16 +376,3 @@ def _preload_for_cells() -> None:
         importlib.import_module(preload.PRELOAD_MODULE)
     except Exception:  # a speed-up, never a reason to fail
         pass
-
-
-_live: "weakref.WeakSet[Session]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_sessions() -> None:
-    """Interpreter or kernel shutdown: close what is still open, so ranks are reaped."""
-    for session in list(_live):
-        try:
-            session.close()
-        except Exception:
-            pass

@@ -139,6 +139,19 @@ def test_interrupt_ends_the_cell_within_two_seconds(kernel, blocked_in_c):
         assert "Out[rank 1]: 7" in ok(kernel, "%%dist\nkept").stdout
 
 
+def test_bad_magic_arguments_are_usage_errors_and_keep_the_running_session(kernel):
+    pids = start(kernel)
+    ok(kernel, "%%dist\nkept = rank")
+    typo = kernel.run("%dist start -n 2 --device cpu --mixed-precision fp61")
+    assert typo.status == "error" and "mixed_precision" in typo.evalue + typo.stderr
+    no_ranks = kernel.run("%%dist --ranks ,\nprint(rank)")
+    assert no_ranks.status == "error" and "--ranks takes comma-separated rank numbers" in no_ranks.stderr
+    quote = kernel.run("%dist pull it's")
+    assert quote.status == "error" and "could not read the arguments" in quote.stderr
+    assert "Out[rank 1]: 1" in ok(kernel, "%%dist\nkept").stdout      # the same session, state kept
+    assert sorted(p.pid for p in kernel.descendants()) == sorted(pids)
+
+
 def test_without_a_session_the_cell_says_how_to_start_one(kernel):
     result = kernel.run("%%dist\nprint(rank)")
     assert result.status == "error"                              # IPython shows a UsageError as text
@@ -204,6 +217,8 @@ def test_kernel_shutdown_or_death_takes_every_rank(end):
         assert pids_alive(pids) == pids
         if end == "death":
             os.kill(k.pid, signal.SIGKILL)
+        else:                                     # a real shutdown request: the kernel exits by itself
+            k.km.shutdown_kernel(now=False)
     finally:
         k.shutdown()
     deadline = time.monotonic() + 5

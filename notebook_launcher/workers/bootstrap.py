@@ -254,15 +254,11 @@ def _serve(spec: WorkerSpec, channel: ch.WorkerChannel, requests) -> int:
 
 def _tasks(spec: WorkerSpec, requests):
     """(task_id, task or TaskRequest, send_value): the first task, then requests until
-    `Shutdown`. An Interrupt that reaches an idle worker is ignored (the task it was
-    meant for has already ended)."""
+    `Shutdown`."""
     if spec.first_task is not None or spec.first_request is not None:
         yield spec.first_task_id, spec.first_task or spec.first_request, spec.send_result
     while spec.persistent:
-        try:
-            envelope = requests.get()
-        except KeyboardInterrupt:
-            continue
+        envelope = requests.get()
         if isinstance(envelope.message, ch.Shutdown):
             return
         yield envelope.task_id, envelope.message, envelope.message.send_value
@@ -283,12 +279,24 @@ def _rank_namespace(spec: WorkerSpec) -> dict:
 
 
 def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task, send_value: bool, namespace: dict) -> int:
-    """Run one task, then send its value (or its error); returns an exit code for a one-shot worker."""
+    """Run one task, then send its value (or its error); returns an exit code for a
+    one-shot worker.
+
+    The parent forwards an Interrupt as SIGINT, and it raises KeyboardInterrupt only
+    while the task itself runs: once its end is being sent, an Interrupt is too late (a
+    frame cut by it would garble the channel), and an idle worker ignores it.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        if isinstance(task, ch.TaskRequest):
-            linecache.cache.update(task.sources)
-            task = loads_task(task.blob)
-        value = task.run(namespace)
+        try:
+            if isinstance(task, ch.TaskRequest):
+                linecache.cache.update(task.sources)
+                task = loads_task(task.blob)
+            value = task.run(namespace)
+            if not spec.persistent:
+                _finish_together()
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             code = exc.code if isinstance(exc.code, int) else 1
@@ -299,8 +307,7 @@ def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task, send_value: boo
         _report_error(channel, exc)
         return 1
     try:
-        if not spec.persistent:
-            _finish_together()
+        _flush_std_streams()  # the task's last partial line belongs to this call, before its end
         _send_result(spec, channel, value, send_value)
     except BaseException as exc:
         _report_error(channel, exc)
@@ -309,9 +316,9 @@ def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task, send_value: boo
 
 
 def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> None:
-    # The parent forwards an Interrupt as SIGINT: it must raise KeyboardInterrupt in the
-    # task (ipykernel may have left SIGINT ignored in the process we were forked from).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # An Interrupt reaches a rank only as the parent's SIGINT, and only a running task
+    # takes it (`_run_task`); whatever ipykernel left installed is not ours to keep.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(spec.env)
     from .noninteractive import behave_as_a_script
     behave_as_a_script()  # a forked kernel's sys.ps1 would make Lightning refuse ddp
@@ -403,6 +410,7 @@ def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any, send_v
 
 def _report_error(channel: ch.WorkerChannel, exc: BaseException, exitcode: Optional[int] = None) -> None:
     when = time.monotonic()
+    _flush_std_streams()
     text = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     failed = ch.TaskFailed(

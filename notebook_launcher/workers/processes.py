@@ -21,6 +21,21 @@ from .bootstrap import InheritedFds, WorkerSpec, worker_main
 
 _F_SETPIPE_SZ = 1031  # Linux: a bigger events pipe means fewer wake-ups for big results
 
+# Parent-side fds of every live rank in this process (and the stores' listening sockets).
+# A later fork (a second session, a one-shot launch beside a session) closes them in its
+# children: a child holding another rank's control pipe would keep that rank from seeing
+# EOF, and one holding a store's socket keeps its port taken after the store closed.
+_OWNED_FDS: set = set()
+
+
+def keep_from_children(fd: int) -> None:
+    """Have workers forked from now on close ``fd`` (until `release`)."""
+    _OWNED_FDS.add(fd)
+
+
+def release(fd: int) -> None:
+    _OWNED_FDS.discard(fd)
+
 
 @dataclass
 class ParentFds:
@@ -47,6 +62,8 @@ class WorkerPipes:
             fcntl.fcntl(events_w, _F_SETPIPE_SZ, 1 << 20)
         except OSError:
             pass
+        for fd in (events_r, out_r, err_r, control_w):
+            keep_from_children(fd)
         return cls(ParentFds(events_r, out_r, err_r, control_w), InheritedFds(events_w, out_w, err_w, control_r))
 
     def parent_fds(self) -> tuple[int, ...]:
@@ -82,6 +99,7 @@ class WorkerHandle:
     def close_fd(self, fd: int) -> None:
         if fd not in self.closed:
             self.closed.add(fd)
+            release(fd)
             try:
                 os.close(fd)
             except OSError:
@@ -161,7 +179,7 @@ def _without_main_module_rerun():
 
 
 def _start_all(context, pipes: list, make_spec) -> list[WorkerHandle]:
-    every_fd = tuple(fd for p in pipes for fd in (*p.parent_fds(), *p.child_fds()))
+    every_fd = tuple({fd for p in pipes for fd in (*p.parent_fds(), *p.child_fds())} | _OWNED_FDS)
     handles: list[WorkerHandle] = []
     try:
         for index, pipe in enumerate(pipes):
@@ -176,6 +194,8 @@ def _start_all(context, pipes: list, make_spec) -> list[WorkerHandle]:
         stop_workers(handles, grace=0)
         for pipe in pipes:
             _close_quietly(pipe.parent_fds())
+            for fd in pipe.parent_fds():
+                release(fd)
         raise
     finally:
         for pipe in pipes:
