@@ -185,6 +185,8 @@ def test_report_in_a_cell_drives_its_dashboard(kernel):
     shown = ok(kernel, "%%dist\nimport time\nfor step in progress(range(20)):\n    report(step, loss=1.0 / (step + 1))\n    time.sleep(0.02)")
     html = [d.get("text/html", "") for d in shown.displays]
     assert any("succeeded" in h and "loss" in h for h in html), html
+    slow = ok(kernel, "%%dist\nimport time\ntime.sleep(1.2)")      # quiet, but past half a second
+    assert slow.widget_states and any("succeeded" in d.get("text/html", "") for d in slow.displays)
 
 
 def _fds_and_threads(pid: int) -> tuple:

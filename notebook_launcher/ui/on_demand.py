@@ -3,7 +3,8 @@
 A session's cell (``%%dist``, ``session.run``) often just prints or defines names, and
 ends in milliseconds: building a dashboard for it (widgets, matplotlib) would cost more
 than the cell. `OnDemandView` prints the ranks' output lines as they come, and builds the
-real dashboard only when a rank reports a metric or a progress step.
+real dashboard only when a rank reports a metric or a progress step, or the cell has run
+for `APPEAR_AFTER` seconds (then the ranks table shows who is running or stuck).
 """
 
 from __future__ import annotations
@@ -12,6 +13,19 @@ from typing import Callable, Optional
 
 from ..state import RunState
 from .base import DEFAULT_PREFIX, View
+
+APPEAR_AFTER = 0.5   # seconds a quiet call runs before its dashboard appears
+
+
+def dashboard_due(state: RunState) -> bool:
+    """Whether a call has something for a dashboard to show: a metric or a progress step,
+    or it has run for `APPEAR_AFTER` seconds.
+
+    Example::
+
+        dashboard_due(state)   # False for a cell that only printed, 20 ms in
+    """
+    return bool(state.reports_seen or state.progress) or state.elapsed >= APPEAR_AFTER
 
 
 class OnDemandView(View):
@@ -29,7 +43,7 @@ class OnDemandView(View):
         self.dashboard: Optional[View] = None
 
     def refresh(self, state: RunState) -> None:
-        if self.dashboard is None and (state.reports_seen or state.progress):
+        if self.dashboard is None and dashboard_due(state):
             self.dashboard = self._make()
             self.dashboard.open()
             self.dashboard.start(state)

@@ -30,6 +30,7 @@ from ..state import RunState
 from . import html as fragments
 from . import snapshot
 from .base import DEFAULT_PREFIX, Throttle, View
+from .on_demand import dashboard_due
 
 BAR_INTERVAL = 0.1        # progress bar values: at most 10 updates a second
 TEXT_INTERVAL = 0.5       # bar texts, tables, log: at most 2 updates a second
@@ -38,7 +39,6 @@ PLOT_INTERVAL = 1.0       # at most one new PNG a second...
 PLOT_DUTY = 0.02          # ...and less often if drawing would take more than 2 % of a core
 LOG_PANEL_LINES = 100     # lines in the live log panel
 MAX_BARS = 3              # nesting levels shown
-APPEAR_AFTER = 0.5        # seconds a run without metrics or progress goes on before the dashboard appears
 END_STYLE = {"succeeded": "success", "failed": "danger"}  # bar style at the end (else "warning")
 
 
@@ -100,8 +100,6 @@ class WidgetsView(View):
             self._guarded(self._render, state, True)
             self._guarded(self._plotter)  # import matplotlib while the workers start
 
-    def _due(self, state: RunState) -> bool:
-        return bool(state.reports_seen or state.progress) or state.elapsed >= APPEAR_AFTER
 
     def output(self, rank: int, stream: str, lines: list) -> None:
         """Lines are already in ``state.log``; the log panel shows them at its own pace."""
@@ -110,7 +108,7 @@ class WidgetsView(View):
         if self._broken:
             return
         if self.box is None:
-            if not self._due(state):
+            if not dashboard_due(state):
                 return
             self._guarded(self._show)
             self._guarded(self._render, state, True)
@@ -119,7 +117,7 @@ class WidgetsView(View):
 
     def finish(self, state: RunState) -> None:
         try:
-            if self.box is None and not self._due(state):
+            if self.box is None and not dashboard_due(state):
                 self._finish_static(state)
                 return
             self._show()
