@@ -85,7 +85,13 @@ class Ranks:
 def start_ranks(config: LaunchConfig, attempt: int, *, persistent: bool,
                 first_task: Optional[Call] = None) -> Ranks:
     """Rendezvous and workers, started from the calling thread. On any error everything
-    started is torn down."""
+    started is torn down.
+
+    Example::
+
+        ranks = start_ranks(config, 0, persistent=True)    # a session's ranks, waiting for tasks
+        teardown(ranks, graceful=False)
+    """
     config, rdzv = _meet(config, attempt)
     ranks = Ranks(config, rdzv, StackDumps(), config.start_method != "spawn" or resource_tracker_running())
     try:
@@ -184,7 +190,13 @@ def supervise(run: Attempt, stop: Optional[threading.Event] = None) -> Any:
 def launch(config: LaunchConfig, make_view: Callable[[int], View], *, first: Optional[Attempt] = None,
            stop: Optional[threading.Event] = None, on_attempt: Callable[[Attempt], None] = lambda a: None) -> Any:
     """Run attempts until one succeeds or ``config.max_restarts`` restarts are used up
-    (then the last `WorkerError` is raised). ``first``: an attempt already started."""
+    (then the last `WorkerError` is raised). ``first``: an attempt already started.
+
+    Example::
+
+        config = resolve(train, (10,), num_processes=2, max_restarts=1)
+        launch(config, lambda attempt: make_view("text"))   # rank 0's value
+    """
     attempt = first or start_attempt(config, make_view(0), 0)
     while True:
         on_attempt(attempt)

@@ -186,5 +186,11 @@ def _run_on_ranks(lines: list) -> list:
 
 
 def load_ipython_extension(ipython) -> None:
-    """``%load_ext notebook_launcher``."""
+    """Register ``%dist``/``%%dist``: what ``%load_ext notebook_launcher`` runs.
+
+    Example::
+
+        %load_ext notebook_launcher
+        %dist start -n 2 --device cpu
+    """
     ipython.register_magics(DistMagics(ipython))

@@ -152,7 +152,13 @@ class Session:
             supervisor.close()
 
     def close(self) -> None:
-        """Stop every rank (they leave their task loop, free their GPU memory and exit)."""
+        """Stop every rank (they leave their task loop, free their GPU memory and exit).
+
+        Example::
+
+            session.close()
+            session.status      # "closed"; a new Session(...) starts fresh ranks
+        """
         if self.status == SessionStatus.CLOSED:
             return
         self._stop_ranks(graceful=True)
@@ -202,12 +208,12 @@ class Session:
 
     @property
     def ranks(self) -> list:
-        """The global ranks of this session."""
+        """The global ranks of this session, e.g. ``[0, 1]``."""
         return list(range(self.config.first_rank, self.config.first_rank + self.config.nproc))
 
     @property
     def pids(self) -> dict:
-        """rank -> process id of the live ranks."""
+        """rank -> process id of the live ranks, e.g. ``{0: 4711, 1: 4712}`` (empty once closed)."""
         return {io.rank: io.handle.pid for io in self._ranks.io} if self._ranks else {}
 
     # ------------------------------------------------------------- calls
