@@ -298,3 +298,21 @@ def test_kernel_death_takes_the_workers_with_it():
     while pids_alive(pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pids_alive(pids) == []
+
+
+def test_loggers_set_up_in_the_notebook_log_through_the_ranks_output(kernel):
+    # transformers and Lightning attach StreamHandlers to the kernel's stderr when imported
+    result = cell(kernel, """
+        import logging
+        mylib = logging.getLogger("mylib")
+        mylib.addHandler(logging.StreamHandler())
+        mylib.setLevel(logging.INFO)
+        def logs():
+            logging.getLogger("mylib").info("logged by rank %d", dist.get_rank())
+        notebook_launcher(logs, num_processes=2, device="cpu", display="none")
+        mylib.info("logged by the notebook")
+    """)
+    assert result.status == "ok", result.traceback
+    assert "[rank0]: logged by rank 0" in result.stderr and "[rank1]: logged by rank 1" in result.stderr
+    assert "\nlogged by the notebook\n" in "\n" + result.stderr            # the notebook's handler is its own
+    assert_clean(kernel)

@@ -157,8 +157,28 @@ def _own_descriptors(spec: WorkerSpec) -> None:
     # Fresh Python streams on the redirected fds. In a forked kernel the inherited
     # sys.stdout is ipykernel's OutStream, which talks to threads that do not exist here.
     sys.stdin = open(0, "r", closefd=False)
+    kernel_streams = {id(sys.stdout): "stdout", id(sys.stderr): "stderr"}
     sys.stdout = sys.__stdout__ = _line_stream(1)
     sys.stderr = sys.__stderr__ = _line_stream(2)
+    _reattach_log_handlers(kernel_streams)
+
+
+def _reattach_log_handlers(kernel_streams: dict) -> None:
+    """Logging handlers set up in the notebook before the launch (``basicConfig``,
+    transformers', Lightning's) write to the kernel's streams, which bypass our capture:
+    their lines would lack the rank prefix and miss the dashboard's log. Point them at this
+    worker's own stdout/stderr. (The stream is swapped without flushing the old one, which
+    belongs to threads a forked worker does not have.)"""
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return
+    loggers = [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            name = kernel_streams.get(id(getattr(handler, "stream", None)))
+            if name is not None and isinstance(handler, logging.StreamHandler):
+                handler.stream = getattr(sys, name)
 
 
 def _line_stream(fd: int) -> io.TextIOWrapper:
