@@ -99,7 +99,11 @@ def worker_main(spec: WorkerSpec) -> None:
     code = 1
     try:
         _isolate(spec.parent_pid)
-        _own_descriptors(spec)
+        try:
+            _own_descriptors(spec)
+        except BaseException:  # no channel yet: fd 2 is where the parent can still see why
+            os.write(2, f"[rank{spec.rank}] worker setup failed:\n{traceback.format_exc()}".encode(errors="replace"))
+            raise
         channel = ch.WorkerChannel(spec.fds.events)
         requests = _read_control(spec.fds.control)
         if spec.stack_file:
@@ -176,8 +180,10 @@ def _reattach_log_handlers(kernel_streams: dict) -> None:
                                       if isinstance(logger, logging.Logger))]
     for logger in loggers:
         for handler in logger.handlers:
-            name = kernel_streams.get(id(getattr(handler, "stream", None)))
-            if name is not None and isinstance(handler, logging.StreamHandler):
+            if not isinstance(handler, logging.StreamHandler) or isinstance(type(handler).__dict__.get("stream"), property):
+                continue  # e.g. logging's _StderrHandler (dill has one): its stream follows sys.stderr already
+            name = kernel_streams.get(id(handler.__dict__.get("stream")))
+            if name is not None:
                 handler.stream = getattr(sys, name)
 
 
