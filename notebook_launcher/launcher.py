@@ -44,7 +44,6 @@ from .workers.tasks import Call
 
 TEARDOWN_GRACE = 1.0   # seconds between SIGTERM and SIGKILL
 ROOT_EXIT_WAIT = 0.5   # let a rank that reported an error exit by itself, for its real exit code
-TRACKER_HUB_WIRED = True  # rank 0's tracker messages reach a TrackerHub in this process
 EXIT_GRACE = 10.0      # after every rank returned, how long they may take to exit (NCCL teardown)
 FIRST_TASK = 1         # task id of a one-shot launch's task
 
@@ -161,9 +160,9 @@ def new_state(config: LaunchConfig, ranks: Optional[list] = None, attempt: int =
 def supervise(run: Attempt, stop: Optional[threading.Event] = None) -> Any:
     """Watch a started attempt to its end (any thread); always tears it down."""
     config, state = run.ranks.config, run.state
-    status, failure = RunStatus.FAILED, None
-    hub = TrackerHub(config.log_with or None, config.project_name, config.logging_dir, attempt=state.attempt)
+    status, failure, hub = RunStatus.FAILED, None, None
     try:
+        hub = TrackerHub(config.log_with or None, config.project_name, config.logging_dir, attempt=state.attempt)
         supervisor = Supervisor(run.ranks.io, state, run.view, FIRST_TASK, tick=config.tick,
                                 stall=run.ranks.stall_watch(), stop=stop, sinks=(hub,))
         try:

@@ -161,3 +161,17 @@ def test_only_the_main_process_writes(tmp_path):
                                    "model.safetensors.index.json"]
         assert result["loaded"].keys() == expected.keys()
         assert all(torch.equal(result["loaded"][k], expected[k]) for k in expected)
+
+
+def test_the_newest_save_is_loaded_when_two_formats_share_a_folder(tmp_path):
+    from notebook_launcher.accelerator import weights
+
+    model = nn.Linear(64, 64)
+    first = weights.write(model.state_dict(), str(tmp_path), max_shard_size="10KB", safe=True)
+    assert first.endswith("model.safetensors.index.json")            # sharded safetensors, left in place
+    zeros = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
+    time.sleep(0.01)
+    second = weights.write(zeros, str(tmp_path), safe=False)         # then a .bin save into the same folder
+    assert weights.target(zeros, str(tmp_path), safe=False) == second   # what the other ranks report
+    loaded = load_weights(str(tmp_path))
+    assert all(torch.equal(loaded[name], zeros[name]) for name in zeros)

@@ -17,17 +17,12 @@ import warnings
 import pytest
 import torch
 
-import notebook_launcher.launcher
 from notebook_launcher import Accelerator, notebook_launcher as launch, report
 from notebook_launcher.errors import LaunchConfigError
 from notebook_launcher.trackers import SUPPORTED
 
 STEPS = 20
 TRACKER_MODULES = ("tensorboard", "tensorboardX", "mlflow", "wandb", "trackio")
-WIRED = hasattr(notebook_launcher.launcher, "TRACKER_HUB_WIRED")
-needs_wiring = pytest.mark.skipif(
-    not WIRED, reason="the launcher does not feed tracker messages to a TrackerHub yet "
-                      "(notebook_launcher.launcher.TRACKER_HUB_WIRED is not set)")
 
 
 def tracker_modules() -> set:
@@ -144,7 +139,6 @@ def test_a_plain_process_writes_through_its_own_hub(tmp_path):
 
 
 # ----------------------------------------------------------------- through the launcher's hub
-@needs_wiring
 def test_tensorboard_and_mlflow_record_rank0_through_a_launch(all_four):
     from mlflow import MlflowClient
 
@@ -160,7 +154,6 @@ def test_tensorboard_and_mlflow_record_rank0_through_a_launch(all_four):
     assert sorted((m.step, m.value) for m in history) == [(s, pytest.approx(1.0 / (s + 1))) for s in range(STEPS)]
 
 
-@needs_wiring
 def test_a_failed_launch_leaves_a_failed_run_and_the_next_opens_a_fresh_one(tmp_path):
     from mlflow import MlflowClient
 
@@ -174,7 +167,6 @@ def test_a_failed_launch_leaves_a_failed_run_and_the_next_opens_a_fresh_one(tmp_
     assert len(client.get_metric_history(runs[1].info.run_id, "train/loss")) == STEPS
 
 
-@needs_wiring
 def test_wandb_offline_and_trackio_through_a_launch(all_four):
     from test_trackers_hub import wandb_records
 
@@ -197,7 +189,6 @@ def report_steps(steps: int) -> None:
         report(step, loss=(rank * 9 + 1) / (step + 1))
 
 
-@needs_wiring
 def test_launcher_log_with_writes_every_rank0_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # report mode writes TensorBoard files under ./runs
     launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorboard", project_name="reports")
@@ -220,7 +211,6 @@ def fail_in_first_attempt(project_dir: str) -> None:
     accelerator.end_training()
 
 
-@needs_wiring
 def test_a_restart_is_a_fresh_run_beside_the_failed_one(tmp_path):
     launch(fail_in_first_attempt, args=(str(tmp_path),), num_processes=2, display="none", max_restarts=1)
     assert [step for step, _ in scalars(tmp_path / "restarts", "loss")] == [0, 1, 2, 3, 4]

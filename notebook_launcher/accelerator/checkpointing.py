@@ -183,11 +183,12 @@ def save_model(model: torch.nn.Module, folder: str, state: ProcessState, max_sha
     """Write an (unwrapped) model's weights once, from the main process, sharded past
     ``max_shard_size`` (see `weights`); every rank waits. Returns the file to load from."""
     max_bytes = weights.shard_size_bytes(max_shard_size)  # a bad size fails on every rank, before the barrier
-    path = None
     if state.is_main_process:
         path = weights.write(model.state_dict(), folder, max_bytes, safe_serialization)
+    else:
+        path = weights.target(model.state_dict(), folder, max_bytes, safe_serialization)
     barrier(state)
-    return path if path is not None else weights.weights_path(folder)
+    return path
 
 
 # ----------------------------------------------------------------- whole state

@@ -103,9 +103,7 @@ def write(state_dict: dict, folder: str, max_shard_size: Union[int, str] = "1GB"
     """
     if os.path.isfile(folder):
         raise ValueError(f"save_model needs a folder, and {folder} is a file.")
-    tensors, aliases = dedupe_shared(state_dict)
-    shards = plan_shards(tensors, shard_size_bytes(max_shard_size))
-    names, index_name = file_names(safe, len(shards))
+    tensors, aliases, shards, names, index_name = _plan(state_dict, max_shard_size, safe)
     os.makedirs(folder, exist_ok=True)
     _remove_stale(folder, SAFE_NAME if safe else BIN_NAME, set(names) | {index_name})
     if index_name is None and not safe:
@@ -122,6 +120,25 @@ def write(state_dict: dict, folder: str, max_shard_size: Union[int, str] = "1GB"
     with open(os.path.join(folder, index_name), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
     return os.path.join(folder, index_name)
+
+
+def _plan(state_dict: dict, max_shard_size: Union[int, str], safe: bool) -> tuple:
+    tensors, aliases = dedupe_shared(state_dict)
+    shards = plan_shards(tensors, shard_size_bytes(max_shard_size))
+    names, index_name = file_names(safe, len(shards))
+    return tensors, aliases, shards, names, index_name
+
+
+def target(state_dict: dict, folder: str, max_shard_size: Union[int, str] = "1GB", safe: bool = True) -> str:
+    """The file `write` returns for these arguments, without writing anything (what the
+    ranks that do not write report, even on a machine that never sees the folder).
+
+    Example::
+
+        target(model.state_dict(), "out")   # "out/model.safetensors"
+    """
+    *_, names, index_name = _plan(state_dict, max_shard_size, safe)
+    return os.path.join(folder, index_name or names[0])
 
 
 def load_weights(path: str, device: Union[str, torch.device] = "cpu") -> dict:
@@ -148,15 +165,17 @@ def load_weights(path: str, device: Union[str, torch.device] = "cpu") -> dict:
 
 
 def weights_path(path: str) -> str:
-    """The file to load from: ``path`` itself, or in a folder its index or single weights file."""
+    """The file to load from: ``path`` itself, or in a folder the index or single weights
+    file of the newest save there."""
     if not os.path.isdir(path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"No model weights at {path}.")
         return path
-    for name in (f"{SAFE_NAME}.safetensors.index.json", f"{SAFE_NAME}.safetensors",
-                 f"{BIN_NAME}.bin.index.json", f"{BIN_NAME}.bin"):
-        if os.path.exists(os.path.join(path, name)):
-            return os.path.join(path, name)
+    found = [os.path.join(path, name) for name in (f"{SAFE_NAME}.safetensors.index.json", f"{SAFE_NAME}.safetensors",
+                                                    f"{BIN_NAME}.bin.index.json", f"{BIN_NAME}.bin")
+             if os.path.exists(os.path.join(path, name))]
+    if found:  # a .bin save leaves an earlier safetensors one in place (as HF does): the newest wins
+        return max(found, key=lambda file: (os.path.getmtime(file), -found.index(file)))
     raise FileNotFoundError(f"{path} has no model weights (model.safetensors, pytorch_model.bin, or an index).")
 
 

@@ -47,6 +47,7 @@ from .names import KINDS, check_installed
 QUEUE_LIMIT = 10_000    # queued log items before new ones are dropped (opening/closing never are)
 IDLE_FLUSH = 0.5        # seconds without new items before the trackers are told to flush
 CLOSE_TIMEOUT = 30.0    # seconds close() waits for the writer (a wandb upload may take longer)
+INTERRUPTED_CLOSE_TIMEOUT = 1.0  # ...after an Interrupt or a stop: the rest finishes in the background
 
 
 @dataclass(frozen=True)
@@ -143,13 +144,15 @@ class TrackerHub:
         if self._report_init is not None and values:
             self._put(_Report(step, values), droppable=True)
 
-    def close(self, status: str = "succeeded", timeout: float = CLOSE_TIMEOUT) -> bool:
+    def close(self, status: str = "succeeded", timeout: Optional[float] = None) -> bool:
         """Close every open run as ``status`` (succeeded | failed | interrupted | stopped)
         after what was queued is written; wait at most ``timeout`` seconds. Returns whether
         the writer finished in time (if not, it finishes in the background)."""
         status = str(status)  # a RunStatus is its string
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if timeout is None:  # an interrupted call must give the cell back fast (the 2 s promise)
+            timeout = CLOSE_TIMEOUT if status in ("succeeded", "failed") else INTERRUPTED_CLOSE_TIMEOUT
         with self._start_lock:
             if self._closing:
                 return True
@@ -193,6 +196,10 @@ class TrackerHub:
                     return
         except BaseException as exc:  # a bug of ours: say so, never take the notebook down
             self._warn(f"notebook_launcher: the tracker writer stopped: {exc!r}\n{traceback.format_exc()}")
+            try:
+                self._close_runs("failed")  # no run stays open (an MLflow run RUNNING forever)
+            except BaseException:
+                pass
 
     def _handle(self, items: list) -> bool:
         """Process items in order, batching consecutive logs; True once closed."""

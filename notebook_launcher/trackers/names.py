@@ -31,7 +31,7 @@ class TrackerKind:
 
 
 KINDS = {
-    "tensorboard": TrackerKind("tensorboard", "TensorBoard", ("tensorboard", "tensorboardX"), "tensorboard", True),
+    "tensorboard": TrackerKind("tensorboard", "TensorBoard", ("tensorboard",), "tensorboard", True),  # the writer needs tensorboard itself (tensorboardX alone is not enough)
     "mlflow": TrackerKind("mlflow", "MLflow", ("mlflow",), "mlflow", False),
     "wandb": TrackerKind("wandb", "Weights & Biases", ("wandb",), "wandb", False),
     "trackio": TrackerKind("trackio", "Trackio", ("trackio",), "trackio", False),

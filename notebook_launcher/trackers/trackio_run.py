@@ -8,6 +8,8 @@ it has no run status, so closing only finishes the run.
 
 from __future__ import annotations
 
+import inspect
+
 from .base import RunSettings
 
 
@@ -20,6 +22,8 @@ class TrackioRun:
         kwargs = dict(settings.init_kwargs)
         kwargs.setdefault("project", settings.project_name)
         kwargs.setdefault("config", settings.config or None)
+        if "embed" in inspect.signature(trackio.init).parameters:
+            kwargs.setdefault("embed", False)  # else it starts a dashboard server in the kernel that nothing stops
         self.run = trackio.init(**kwargs)
 
     def store_config(self, config: dict) -> None:

@@ -46,7 +46,11 @@ class WandbRun:
         pass  # wandb's own service process writes and uploads
 
     def close(self, status: str) -> None:
+        import wandb
+
         self.run.finish(exit_code=_EXIT_CODE[status])
+        if wandb.run is None:  # no run of the person's own: stop wandb's service process and threads,
+            wandb.teardown()   # which a later fork of the notebook would otherwise inherit
 
 
 open_run = WandbRun

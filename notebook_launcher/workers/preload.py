@@ -83,11 +83,11 @@ def before_fork(task: Any) -> None:
     function = getattr(task, "function", None)
     if function is None or PRELOAD_MODULE in sys.modules:
         return
-    if reason_to_preload(function, getattr(task, "args", ()), getattr(task, "kwargs", None)) is None:
-        return
-    try:
+    try:  # an optional speed-up, never a reason to fail a launch (user objects can raise anything)
+        if reason_to_preload(function, getattr(task, "args", ()), getattr(task, "kwargs", None)) is None:
+            return
         importlib.import_module(PRELOAD_MODULE)
-    except Exception:  # an optional speed-up, never a reason to fail a launch
+    except Exception:
         pass
 
 

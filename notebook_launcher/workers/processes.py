@@ -185,7 +185,8 @@ def _start_all(context, pipes: list, make_spec) -> list[WorkerHandle]:
         for index, pipe in enumerate(pipes):
             keep = set(pipe.child_fds())
             spec = make_spec(index, pipe.child, tuple(fd for fd in every_fd if fd not in keep))
-            preload.before_fork(spec.first_task)  # what forked workers would each import: once, here
+            if index == 0:
+                preload.before_fork(spec.first_task)  # what forked workers would each import: once, here
             process = context.Process(target=worker_main, args=(spec,), name=f"notebook_launcher-rank{spec.rank}")
             process.start()
             _own_group(process.pid)
