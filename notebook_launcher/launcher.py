@@ -279,7 +279,6 @@ def _spec_factory(config: LaunchConfig, rdzv: rendezvous.Rendezvous, stacks: Sta
             persistent=persistent, close_fds=() if spawn else close_fds,
             first_task=None if spawn else first_task, first_request=first_request, first_task_id=FIRST_TASK,
             send_result=config.return_all or rank == 0,
-            notebook_sources=notebook_sources() if spawn else {},
             stack_file=stacks.path(rank), rdzv_timeout=config.rdzv_timeout if config.num_nodes > 1 else None,
         )
 
@@ -319,12 +318,9 @@ def _wait_for_exits(ranks: Ranks, timeout: float) -> None:
 
 def _show_last_words(selector, key, view: View) -> None:
     io, what = key.data
-    try:
-        data = os.read(key.fd, 1 << 16)
-    except BlockingIOError:
+    data = io.read(key.fd)
+    if data is None:
         return
-    except OSError:
-        data = b""
     if not data:
         selector.unregister(key.fd)
     elif what != "events":  # a closing rank's messages belong to no call any more

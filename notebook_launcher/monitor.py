@@ -19,11 +19,10 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
-
-import threading
 
 from . import channel as ch
 from .errors import Failure, WorkerError, failure_from
@@ -80,6 +79,17 @@ class RankIO:
     def fds(self) -> dict:
         fds = self.handle.fds
         return {"events": fds.events, "stdout": fds.stdout, "stderr": fds.stderr}
+
+    @staticmethod
+    def read(fd: int) -> Optional[bytes]:
+        """What one of its pipes holds now: bytes, ``b""`` at the end (or a closed fd),
+        None when there is nothing yet."""
+        try:
+            return os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
 
 
 @dataclass
@@ -241,12 +251,9 @@ class Supervisor:
     # ------------------------------------------------------------- reading
     def _read(self, io: RankIO, what: str, fd: int) -> str:
         """Read what is available on ``fd``: returns "data", "empty" or "eof"."""
-        try:
-            data = os.read(fd, 1 << 20)
-        except BlockingIOError:
+        data = io.read(fd)
+        if data is None:
             return "empty"
-        except OSError:
-            data = b""
         if not data:
             self._unregister(fd)
             if what != "events":

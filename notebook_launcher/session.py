@@ -246,7 +246,7 @@ class Session:
         """
         targets = self._targets(ranks)
         filename = name or f"<dist-cell-{self._task_id + 1}>"
-        results = self._call(tasks.Execute(source, filename), ranks=targets, values_from=targets, show=True)
+        results = self._call(tasks.Execute(source, filename), ranks=targets, values_from=targets)
         values = collect(self.config, results, targets, True)
         return {rank: text for rank, text in zip(targets, values) if text is not None}
 
@@ -280,8 +280,7 @@ class Session:
             raise LaunchConfigError(f"rank {bad[0]} is not in this session: its ranks are {self.ranks}.")
         return sorted(set(ranks))
 
-    def _call(self, task, ranks: Optional[list] = None, values_from: Optional[list] = None,
-              show: bool = False) -> dict:
+    def _call(self, task, ranks: Optional[list] = None, values_from: Optional[list] = None) -> dict:
         """Send ``task`` to ``ranks`` (all by default) and supervise it to its end; returns
         {rank: (blob, pickler) or None}. ``values_from``: the ranks whose value is wanted
         (None: rank 0)."""

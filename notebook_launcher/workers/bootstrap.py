@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import channel as ch
@@ -89,7 +89,6 @@ class WorkerSpec:
     first_request: Optional[ch.TaskRequest] = None  # spawn: the first task, pickled
     first_task_id: int = 1
     send_result: bool = False       # the first task's value is wanted from this rank
-    notebook_sources: dict = field(default_factory=dict)  # spawn: linecache entries of notebook cells
     stack_file: Optional[str] = None       # where faulthandler dumps this worker's stacks on SIGUSR1
     rdzv_timeout: Optional[float] = None   # multi-node: how long to wait for every rank to arrive
 
@@ -359,7 +358,6 @@ def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> None:
     ))
     if spec.device.startswith("cuda"):
         _pin_cuda_device(torch, spec.local_rank)
-    linecache.cache.update(spec.notebook_sources)
     _init_process_group(spec)
 
 
