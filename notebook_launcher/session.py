@@ -373,11 +373,6 @@ def _preload_for_cells() -> None:
     """Import torch._dynamo once before forking: a session's cells are where models get
     wrapped in DDP, whose constructor would import it in every rank (about 2.5 s each
     on 2 cores); a session pays it once, at start (about 0.75 s)."""
-    import importlib
-
     from .workers import preload
 
-    try:
-        importlib.import_module(preload.PRELOAD_MODULE)
-    except Exception:  # a speed-up, never a reason to fail
-        pass
+    preload.preload()

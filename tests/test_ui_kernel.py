@@ -183,9 +183,9 @@ def test_kernel_shutdown_reaps_a_background_run():
 def test_a_quick_call_builds_no_dashboard_and_a_reporting_one_does():
     with Kernel(startup="import sys, time\nfrom notebook_launcher import notebook_launcher, report") as k:
         quick = k.run("print(notebook_launcher(lambda: 'quick', num_processes=2, device='cpu'))\n"
-                      "print('matplotlib' in sys.modules)")
+                      "print('matplotlib' in sys.modules, 'ipywidgets' in sys.modules)")
         assert quick.status == "ok", quick.traceback
-        assert quick.stdout.splitlines()[-2:] == ["quick", "False"]     # nothing heavy was imported
+        assert quick.stdout.splitlines()[-2:] == ["quick", "False False"]     # nothing heavy was imported
         assert quick.widget_states == []                                 # and no widget was made
         assert any("succeeded" in d.get("text/html", "") for d in quick.displays)   # the static summary
         reporting = k.run("def train():\n    for step in range(5):\n        report(step, loss=1.0 / (step + 1))\n"
@@ -194,3 +194,28 @@ def test_a_quick_call_builds_no_dashboard_and_a_reporting_one_does():
         assert reporting.widget_states, "a run that reports shows its live dashboard"
         summary = [d.get("text/html", "") for d in reporting.displays]
         assert any("loss" in h and "succeeded" in h for h in summary), summary
+
+
+def test_a_quiet_call_gets_its_dashboard_late_and_a_broken_ipywidgets_still_gives_the_summary(tmp_path):
+    """ipywidgets is imported only when the dashboard is due (0.5 s in), and matplotlib only
+    for a metric; an ipywidgets that fails to import then costs the live view, not the run
+    or its summary."""
+    broken = tmp_path / "ipywidgets"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('ipywidgets is broken here (a test)')\n")
+    quiet = ("def quiet():\n    time.sleep(1.0)\n    return 'done'\n"
+             "print(notebook_launcher(quiet, num_processes=2, device='cpu'))\n"
+             "print('matplotlib' in sys.modules, 'ipywidgets' in sys.modules)")
+    with Kernel(startup="import sys, time\nfrom notebook_launcher import notebook_launcher") as k:
+        works = k.run(quiet)
+        assert works.status == "ok", works.traceback
+        assert works.stdout.splitlines()[-2:] == ["done", "False True"]
+        assert works.widget_states, "a call that runs 1 s shows its live dashboard"
+    with Kernel(startup=f"import sys, time\nsys.path.insert(0, {str(tmp_path)!r})\n"
+                        "from notebook_launcher import notebook_launcher") as k:
+        fails = k.run(quiet)
+        assert fails.status == "ok", fails.traceback
+        assert fails.stdout.splitlines()[-2:] == ["done", "False False"]
+        assert "ipywidgets is broken here" in fails.stderr
+        assert fails.widget_states == []
+        assert any("succeeded" in d.get("text/html", "") for d in fails.displays), fails.displays

@@ -4,7 +4,7 @@
   end by a static HTML summary and PNG that a saved notebook keeps.
 - ``"text"``: a progress line at a bounded rate and a plot saved to a file (`ui.text.TextView`).
 - ``"none"``: only the workers' own output lines, rank-prefixed (`ui.base.View`).
-- ``"auto"``: widgets inside a Jupyter kernel where ipywidgets imports, text otherwise.
+- ``"auto"``: widgets inside a Jupyter kernel where ipywidgets is installed, text otherwise.
 """
 
 from __future__ import annotations
@@ -62,8 +62,13 @@ def make_view(display: str, prefix: str = DEFAULT_PREFIX, title: str = "", host:
 
 
 def _widgets_importable() -> bool:
+    """Whether ipywidgets is installed, found without importing it: its import takes
+    0.05-0.2 s of a kernel's first call, which a call that ends before its dashboard is
+    due never needs (`ui.on_demand.dashboard_due`). Should the import fail later, the
+    widgets view falls back to the static summary (`WidgetsView.finish`)."""
+    import importlib.util
+
     try:
-        import ipywidgets  # noqa: F401
-    except Exception:
+        return importlib.util.find_spec("ipywidgets") is not None
+    except (ImportError, ValueError):   # a broken parent package, or a module with no spec
         return False
-    return True

@@ -13,8 +13,10 @@ ends the dashboard is replaced by the static summary of `ui.snapshot`.
 
 The dashboard appears when there is something to show: a rank reports a metric or a
 progress step, or the run has gone on for `APPEAR_AFTER` seconds. A call that ends sooner
-never builds widgets nor imports matplotlib (together about 0.7 s of a kernel's first
-call on 2 cores): its summary is static HTML from the start.
+never imports ipywidgets nor matplotlib (together about 0.5 s of a kernel's first
+call on 2 cores): its summary is static HTML from the start. Matplotlib waits for the
+first metric (or progress step) even then. If ipywidgets fails to import when the
+dashboard is due, the run goes on and ends with the static summary.
 
 Only one thread touches the widgets: the supervisor's. Control changes made in the
 browser arrive on the kernel's main thread; their handlers only set a flag.
@@ -110,14 +112,16 @@ class WidgetsView(View):
         if self.box is None:
             if not dashboard_due(state):
                 return
-            self._guarded(self._show)
-            self._guarded(self._render, state, True)
+            self._guarded(self._show)   # imports ipywidgets: it may fail only now
+            if not self._broken:
+                self._guarded(self._render, state, True)
             return
         self._guarded(self._render, state, False)
 
     def finish(self, state: RunState) -> None:
         try:
-            if self.box is None and not dashboard_due(state):
+            if self.box is None and (self._broken or not dashboard_due(state)):
+                # ended before its dashboard was due, or ipywidgets failed to import then
                 self._finish_static(state)
                 return
             self._show()

@@ -40,14 +40,17 @@ holds a lock at fork time leaves that lock held forever in the child. Importing
 threads before and after; `tests/test_first_call_kernel.py` checks it), and it runs in the
 thread that forks, to completion, before the fork. The rendezvous store's server thread
 starts only after every worker is forked (`launcher.start_ranks`), so nothing of ours
-runs concurrently with the import or the fork either. An exception from the import is
-swallowed: the preload is a speed-up, never a reason for a launch to fail.
+runs concurrently with the import or the fork either. Pausing the garbage collector
+(`preload`) is process-wide but only defers collection by about a second, for the
+kernel's other threads too; its previous state is restored. An exception from the
+import is swallowed: the preload is a speed-up, never a reason for a launch to fail.
 """
 
 from __future__ import annotations
 
 import dis
 import functools
+import gc
 import importlib
 import inspect
 import os
@@ -86,9 +89,35 @@ def before_fork(task: Any) -> None:
     try:  # an optional speed-up, never a reason to fail a launch (user objects can raise anything)
         if reason_to_preload(function, getattr(task, "args", ()), getattr(task, "kwargs", None)) is None:
             return
+    except Exception:
+        return
+    preload()
+
+
+def preload() -> None:
+    """Import `PRELOAD_MODULE` now, with the cyclic garbage collector paused.
+
+    The import creates about 800 modules' worth of long-lived objects, and each
+    automatic full collection it triggers walks every object in the kernel (torch
+    alone is about a million): with the collector paused the import took 1.1-1.4 s
+    instead of 2.0 s on this 2-core machine (torch 2.13, 4 runs each). The collector is
+    turned back on right after (if it was on), and the garbage of those seconds is
+    collected then. An exception from the import is swallowed: a speed-up, never a
+    reason to fail.
+
+    Example::
+
+        preload()   # torch._dynamo is in sys.modules now, or it could not be imported
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
         importlib.import_module(PRELOAD_MODULE)
     except Exception:
         pass
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def reason_to_preload(function: Callable, args: tuple = (), kwargs: Optional[dict] = None) -> Optional[str]:
