@@ -109,14 +109,20 @@ def test_quickstart_dashboard_in_jupyterlab(playwright, tmp_path):
 
 
 def _screenshot_live_dashboard(page) -> str:
-    """Best effort: the dashboard while the workers train (it lasts a few seconds)."""
+    """Best effort: the dashboard while the workers train (a few seconds). Given up as soon
+    as the run is over (its summary replaced the live view), not after a fixed wait: a
+    blind 60 s wait for a live image that was already gone cost CI a minute."""
     path = os.path.join(ARTIFACTS, "01-quickstart-live.png")
+    live_or_over = "() => window.__watch.liveImages > 0 || (document.body.innerText || '').includes('✔ succeeded')"
     try:
-        image = page.wait_for_selector(".widget-image", state="visible", timeout=60_000)
+        page.wait_for_function(live_or_over, timeout=60_000)
+        image = page.query_selector(".widget-image")
+        if image is None or not image.is_visible():
+            return "not taken (the run was already over)"
         image.scroll_into_view_if_needed(timeout=2_000)
         page.screenshot(path=path, timeout=5_000)
         return path
-    except Exception as exc:   # the run may already be over: the summary screenshot still comes
+    except Exception as exc:   # the summary screenshot still comes
         return f"not taken ({type(exc).__name__})"
 
 
