@@ -51,10 +51,7 @@ class ScriptTask:
                 runpy.run_module(self.target, run_name="__main__", alter_sys=True)
                 return None
             return self.resolve_function()()
-        except BaseException as exc:
-            # The rank's traceback starts at the user's own code, as `python script.py` shows it.
-            raise exc.with_traceback(_user_frames(exc.__traceback__))
-        finally:
+        finally:   # a rank's traceback leaves out this runner's frames (`bootstrap._user_frames`)
             sys.argv, sys.path[:] = saved_argv, saved_path
 
     def resolve_function(self):
@@ -77,17 +74,6 @@ class ScriptTask:
     def describe(self) -> str:
         return {"script": self.target, "module": f"-m {self.target}",
                 "function": f"{self.target}:{self.function}"}[self.kind]
-
-
-def _user_frames(tb):
-    """Drop the frames of this module, runpy and importlib from the top of a traceback."""
-    while tb is not None and tb.tb_next is not None and _is_machinery(tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next
-    return tb
-
-
-def _is_machinery(filename: str) -> bool:
-    return filename in (__file__, runpy.__file__) or filename.startswith(("<frozen runpy", "<frozen importlib"))
 
 
 def module_name(path: str) -> str:

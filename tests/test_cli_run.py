@@ -138,7 +138,8 @@ def test_a_failing_rank_sets_the_exit_status_and_is_named_on_stderr(tmp_path):
     assert out.returncode == 3, out.stdout + out.stderr
     assert "rank 1 failed" in out.stderr and "SystemExit: 3" in out.stderr, out.stderr
     assert "rank 0 failed" not in out.stderr   # rank 0 only lost its peer
-    assert f'File "{script}", line 6, in <module>' in out.stderr   # the traceback starts at the script
+    # the traceback starts at the script, as `python fails.py` shows it: no frame of ours first
+    assert f'Traceback (most recent call last):\n  File "{script}", line 6, in <module>' in out.stderr, out.stderr
     assert "runpy" not in out.stderr
 
 

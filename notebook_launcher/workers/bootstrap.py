@@ -22,6 +22,7 @@ import linecache
 import os
 import queue
 import re
+import runpy
 import signal
 import sys
 import threading
@@ -454,12 +455,18 @@ def _lost_a_peer(exc: BaseException) -> bool:
     return distributed and bool(_SECONDARY_ERROR.search(str(exc)))
 
 
-_OUR_FRAMES = (__file__, os.path.join(os.path.dirname(__file__), "tasks.py"))
+# What runs a task before the user's code does: this loop, the task wrappers, and for
+# `python -m notebook_launcher run` its script runner with runpy and importlib.
+_OUR_FRAMES = (__file__, os.path.join(os.path.dirname(__file__), "tasks.py"),
+               os.path.join(os.path.dirname(os.path.dirname(__file__)), "script_task.py"), runpy.__file__)
+_PYTHON_MACHINERY = ("<frozen runpy", "<frozen importlib")
 
 
 def _user_frames(tb):
-    """Drop our own frames (this loop, the task wrappers) from the top of a traceback."""
-    while tb is not None and tb.tb_frame.f_code.co_filename in _OUR_FRAMES:
+    """Drop those frames from the top of a traceback: it starts at the user's own code,
+    as ``python script.py`` shows it."""
+    while tb is not None and (tb.tb_frame.f_code.co_filename in _OUR_FRAMES
+                              or tb.tb_frame.f_code.co_filename.startswith(_PYTHON_MACHINERY)):
         tb = tb.tb_next
     return tb
 
