@@ -104,8 +104,16 @@ def lightning_kernel():
 
 def results(kernel: Kernel, code: str, timeout: float = 120) -> list:
     """Run a cell that ends with on_every_rank(...); every rank's return value."""
+    return rank_results(run_cell(kernel, code, timeout))
+
+
+def run_cell(kernel: Kernel, code: str, timeout: float = 120):
     result = kernel.run(textwrap.dedent(code), timeout=timeout)
     assert result.status == "ok", result.traceback[-3000:] + result.text[-3000:]
+    return result
+
+
+def rank_results(result) -> list:
     line = next((l for l in result.stdout.splitlines() if l.startswith("RESULTS ")), None)
     assert line is not None, result.text[-3000:]
     return ast.literal_eval(line[len("RESULTS "):])
@@ -176,6 +184,42 @@ def test_hf_transformers_trainer(kernel):
     """)
     assert_trained_together(ranks)
     assert [r["steps"] for r in ranks] == [3, 3]
+
+
+@pytest.mark.parametrize("tqdm_in_notebook", [False, True], ids=["tqdm-only-in-ranks", "tqdm-in-notebook-first"])
+def test_libraries_that_ask_ipython_see_a_script(kernel, tqdm_in_notebook):
+    """A rank forked from the kernel holds the kernel's IPython shell, whose messages
+    cannot reach the notebook from another process: a tqdm.auto bar in a rank spilled
+    pages of message dicts into the cell. In a rank: console bars on its stderr (whether
+    tqdm.auto chose in the notebook or in the rank), display() prints, and HF
+    transformers' is_in_notebook() and rich say no."""
+    if tqdm_in_notebook:
+        run_cell(kernel, "import tqdm.auto")   # as transformers or datasets do when imported
+    result = run_cell(kernel, """
+        import ipywidgets
+        def asks_ipython():
+            import IPython
+            from rich.console import Console
+            from tqdm.auto import tqdm, trange
+            from transformers.utils.import_utils import is_in_notebook
+
+            for _ in tqdm(range(3), desc="auto bar"):
+                pass
+            for _ in trange(2, desc="auto trange"):
+                pass
+            display(f"displayed by rank {dist.get_rank()}")
+            ipywidgets.IntProgress(value=1)   # a widget a library made: its comm reaches nobody
+            return {"no shell": IPython.get_ipython() is None, "notebook": is_in_notebook(),
+                    "rich's jupyter": Console().is_jupyter}   # rich asks the builtin get_ipython
+        on_every_rank(asks_ipython)
+    """)
+    assert rank_results(result) == [{"no shell": True, "notebook": False, "rich's jupyter": False}] * 2
+    for rank in (0, 1):
+        assert f"[rank{rank}]: auto bar: 100%" in result.stderr, result.stderr
+        assert f"[rank{rank}]: auto trange: 100%" in result.stderr, result.stderr
+        assert f"[rank{rank}]: displayed by rank {rank}" in result.stdout, result.stdout
+    assert "msg_type" not in result.text and result.widget_states == [] and result.displays == [], result.text[-2000:]
+    assert kernel.value("type(get_ipython()).__name__") == "ZMQInteractiveShell"   # the notebook's own is untouched
 
 
 def test_torch_compile_of_a_ddp_model(kernel):

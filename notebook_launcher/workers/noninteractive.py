@@ -13,6 +13,17 @@ lightning before the launch hands the decision down to the workers.
 Once a worker behaves as a script, Lightning sees the torchrun environment we set
 (``TORCHELASTIC_RUN_ID``, ``RANK``, ...) and joins the process group that is already
 initialized instead of starting processes of its own.
+
+The worker also inherits the kernel's IPython shell, and with it the kernel's way to the
+browser: ``IPython.get_ipython()`` answers "a Jupyter kernel" (tqdm.auto, HF
+transformers' ``is_in_notebook()``, rich ask that way), and what the shell publishes
+(``display()``) goes through sockets that belong to the kernel process. From a forked
+process those messages never reach the notebook; they showed up as pages of message
+dicts in the cell's output (a tqdm.auto bar in each rank). So a worker has no shell
+(``get_ipython()`` is None, ``display(x)`` prints ``x`` as in a script), and tqdm's
+notebook bars, chosen in the notebook or by tqdm's own check (which looks only at
+whether ``ipykernel.zmqshell`` is imported), become its console bars, on the rank's
+stderr like every other line. (A widget made in a rank reaches nobody either way.)
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from ..integrations import _RunAfterImport
 LIGHTNING_FLAG = "_IS_INTERACTIVE"
 LIGHTNING_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning")
 LIGHTNING_FLAG_MODULES = ("lightning.fabric.utilities.imports", "lightning_fabric.utilities.imports")
+TQDM_CHOOSER = "tqdm.autonotebook"   # picks tqdm.notebook or tqdm.std once, at import
 
 
 def behave_as_a_script() -> None:
@@ -52,7 +64,41 @@ def behave_as_a_script() -> None:
         for name in LIGHTNING_FLAG_MODULES:
             if name not in sys.modules:
                 sys.meta_path.insert(0, _RunAfterImport(name, _clear_lightning_flag))
+    if "IPython" in sys.modules:   # forked from a kernel (or an IPython shell)
+        _leave_the_kernels_front_end()
 
 
 def _clear_lightning_flag(module) -> None:
     setattr(module, LIGHTNING_FLAG, False)
+
+
+def _leave_the_kernels_front_end() -> None:
+    """No shell, console tqdm bars (see the module docstring)."""
+    import builtins
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    if InteractiveShell.initialized():
+        InteractiveShell.clear_instance()   # IPython.get_ipython() is None from now on
+    for name in ("get_ipython", "__IPYTHON__"):   # what the shell put into builtins
+        builtins.__dict__.pop(name, None)
+    if TQDM_CHOOSER in sys.modules:
+        _console_tqdm(sys.modules[TQDM_CHOOSER])
+    else:
+        sys.meta_path.insert(0, _RunAfterImport(TQDM_CHOOSER, _console_tqdm))
+
+
+def _console_tqdm(chooser) -> None:
+    """Undo tqdm.autonotebook's choice of notebook bars, and tqdm.auto's with it (its
+    ``trange`` reads the module's ``tqdm`` when called). A class taken from them in the
+    notebook before the launch stays a notebook bar, now talking to nobody."""
+    from tqdm import std
+
+    if getattr(chooser, "tqdm", std.tqdm) is std.tqdm:
+        return
+    chooser.tqdm, chooser.trange = std.tqdm, std.trange
+    auto = sys.modules.get("tqdm.auto")
+    if auto is not None:
+        from tqdm.asyncio import tqdm as asyncio_tqdm
+
+        auto.tqdm = asyncio_tqdm   # what tqdm.auto itself picks outside a notebook
