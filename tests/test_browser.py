@@ -113,7 +113,8 @@ def _screenshot_live_dashboard(page) -> str:
     as the run is over (its summary replaced the live view), not after a fixed wait: a
     blind 60 s wait for a live image that was already gone cost CI a minute."""
     path = os.path.join(ARTIFACTS, "01-quickstart-live.png")
-    live_or_over = "() => window.__watch.liveImages > 0 || (document.body.innerText || '').includes('✔ succeeded')"
+    live_or_over = ("() => window.__watch.liveImages > 0 || "
+                    "['✔ succeeded', '✖ failed'].some(end => (document.body.innerText || '').includes(end))")
     try:
         page.wait_for_function(live_or_over, timeout=60_000)
         image = page.query_selector(".widget-image")

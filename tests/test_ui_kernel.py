@@ -196,10 +196,10 @@ def test_a_quick_call_builds_no_dashboard_and_a_reporting_one_does():
         assert any("loss" in h and "succeeded" in h for h in summary), summary
 
 
-def test_a_quiet_call_gets_its_dashboard_late_and_a_broken_ipywidgets_still_gives_the_summary(tmp_path):
-    """ipywidgets is imported only when the dashboard is due (0.5 s in), and matplotlib only
-    for a metric; an ipywidgets that fails to import then costs the live view, not the run
-    or its summary."""
+def test_a_quiet_call_builds_its_dashboard_and_a_broken_ipywidgets_still_gives_the_summary(tmp_path):
+    """ipywidgets is imported only when the dashboard is due (0.5 s in: the quick call of
+    the test above never imports it), and matplotlib only for a metric; an ipywidgets that
+    fails to import then costs the live view, not the run or its summary."""
     broken = tmp_path / "ipywidgets"
     broken.mkdir()
     (broken / "__init__.py").write_text("raise ImportError('ipywidgets is broken here (a test)')\n")
@@ -211,11 +211,20 @@ def test_a_quiet_call_gets_its_dashboard_late_and_a_broken_ipywidgets_still_give
         assert works.status == "ok", works.traceback
         assert works.stdout.splitlines()[-2:] == ["done", "False True"]
         assert works.widget_states, "a call that runs 1 s shows its live dashboard"
+    # Rank 1 fails at 0.2 s and rank 0 shrugs off SIGTERM: the run is due for a dashboard
+    # only at its end, after the teardown's grace.
+    late = ("def late_end():\n    import os, signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "    if os.environ['RANK'] == '1':\n        time.sleep(0.2)\n        raise ValueError('rank 1 fails')\n"
+            "    time.sleep(30)\n"
+            "try:\n    notebook_launcher(late_end, num_processes=2, device='cpu')\n"
+            "except Exception as exc:\n    print('raised', type(exc).__name__)")
     with Kernel(startup=f"import sys, time\nsys.path.insert(0, {str(tmp_path)!r})\n"
                         "from notebook_launcher import notebook_launcher") as k:
-        fails = k.run(quiet)
-        assert fails.status == "ok", fails.traceback
-        assert fails.stdout.splitlines()[-2:] == ["done", "False False"]
-        assert "ipywidgets is broken here" in fails.stderr
-        assert fails.widget_states == []
-        assert any("succeeded" in d.get("text/html", "") for d in fails.displays), fails.displays
+        for code, verdict in ((quiet, "succeeded"), (late, "failed")):
+            result = k.run(code)
+            assert result.status == "ok", result.traceback
+            assert "ipywidgets is broken here" in result.stderr and "pass display='text'" in result.stderr, \
+                result.stderr
+            assert result.widget_states == []
+            assert any(verdict in d.get("text/html", "") for d in result.displays), (result.stderr, result.displays)
+        assert result.stdout.splitlines()[-1] == "raised WorkerError"

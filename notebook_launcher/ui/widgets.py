@@ -14,9 +14,10 @@ ends the dashboard is replaced by the static summary of `ui.snapshot`.
 The dashboard appears when there is something to show: a rank reports a metric or a
 progress step, or the run has gone on for `APPEAR_AFTER` seconds. A call that ends sooner
 never imports ipywidgets nor matplotlib (together about 0.5 s of a kernel's first
-call on 2 cores): its summary is static HTML from the start. Matplotlib waits for the
-first metric (or progress step) even then. If ipywidgets fails to import when the
-dashboard is due, the run goes on and ends with the static summary.
+call on 2 cores): its summary is static HTML from the start; a blocking call imports
+matplotlib only for its first metric. (A ``block=False`` run shows its frame, and so
+imports ipywidgets, at launch.) If ipywidgets fails to import when the dashboard is
+due, the run goes on, says so once, and ends with the static summary.
 
 Only one thread touches the widgets: the supervisor's. Control changes made in the
 browser arrive on the kernel's main thread; their handlers only set a flag.
@@ -112,7 +113,7 @@ class WidgetsView(View):
         if self.box is None:
             if not dashboard_due(state):
                 return
-            self._guarded(self._show)   # imports ipywidgets: it may fail only now
+            self._show_or_say_why()
             if not self._broken:
                 self._guarded(self._render, state, True)
             return
@@ -120,14 +121,27 @@ class WidgetsView(View):
 
     def finish(self, state: RunState) -> None:
         try:
-            if self.box is None and (self._broken or not dashboard_due(state)):
-                # ended before its dashboard was due, or ipywidgets failed to import then
+            if self.box is None and dashboard_due(state) and not self._broken:
+                self._show_or_say_why()   # due only now: the run's end came after APPEAR_AFTER
+            if self.box is None:   # ended before its dashboard was due, or ipywidgets failed
                 self._finish_static(state)
                 return
-            self._show()
             self._finish(state)
         except Exception as exc:  # never let the dashboard hide how the run ended
             print(f"notebook_launcher: the dashboard failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+    def _show_or_say_why(self) -> None:
+        """Build and show the dashboard; ipywidgets is imported here, so a broken install
+        shows up only now (`ui._widgets_importable` finds it without importing it)."""
+        try:
+            import ipywidgets  # noqa: F401
+        except Exception as exc:
+            self._broken = True
+            print(f"notebook_launcher: ipywidgets failed to import ({type(exc).__name__}: {exc}): no live "
+                  "dashboard for this run, its summary comes at the end. Reinstall ipywidgets, or pass "
+                  "display='text'.", file=sys.stderr)
+            return
+        self._guarded(self._show)
 
     # ------------------------------------------------------------- building
     def _build(self) -> None:
