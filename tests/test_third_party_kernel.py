@@ -9,6 +9,7 @@ Tiny models built from code or configs: nothing is downloaded.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -162,8 +163,9 @@ def test_lightning_fabric_imported_only_in_the_workers(kernel):
 
 
 def test_hf_transformers_trainer(kernel):
-    ranks = results(kernel, """
-        import transformers                    # imported in the notebook first, as people do
+    result = run_cell(kernel, """
+        from transformers import Trainer       # imported in the notebook first, as people do: this
+                                               # chooses its progress display, an HTML table, here
         def hf_trainer(output_dir):
             from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
@@ -182,15 +184,20 @@ def test_hf_transformers_trainer(kernel):
         with tempfile.TemporaryDirectory() as output_dir:
             on_every_rank(hf_trainer, output_dir)
     """)
+    ranks = rank_results(result)
     assert_trained_together(ranks)
     assert [r["steps"] for r in ranks] == [3, 3]
+    # rank 0's progress as a script shows it; the notebook's HTML table could only print
+    # "<IPython.core.display.HTML object>" lines from a rank
+    assert re.search(r"\[rank0\]: +\d+%\|.*\| \d/3 ", result.text), result.text[-2000:]   # a console bar
+    assert "HTML object" not in result.text, result.text[-2000:]
 
 
 @pytest.mark.parametrize("tqdm_in_notebook", [False, True], ids=["tqdm-only-in-ranks", "tqdm-in-notebook-first"])
 def test_libraries_that_ask_ipython_see_a_script(kernel, tqdm_in_notebook):
     """A rank forked from the kernel holds the kernel's IPython shell, whose messages
-    cannot reach the notebook from another process: a tqdm.auto bar in a rank spilled
-    pages of message dicts into the cell. In a rank: console bars on its stderr (whether
+    cannot reach the notebook from another process: a tqdm.auto bar in a rank showed
+    nothing, and its raw messages went to the kernel's own output. In a rank: console bars on its stderr (whether
     tqdm.auto chose in the notebook or in the rank), display() prints, and HF
     transformers' is_in_notebook() and rich say no."""
     if tqdm_in_notebook:

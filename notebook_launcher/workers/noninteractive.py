@@ -18,12 +18,14 @@ The worker also inherits the kernel's IPython shell, and with it the kernel's wa
 browser: ``IPython.get_ipython()`` answers "a Jupyter kernel" (tqdm.auto, HF
 transformers' ``is_in_notebook()``, rich ask that way), and what the shell publishes
 (``display()``) goes through sockets that belong to the kernel process. From a forked
-process those messages never reach the notebook; they showed up as pages of message
-dicts in the cell's output (a tqdm.auto bar in each rank). So a worker has no shell
-(``get_ipython()`` is None, ``display(x)`` prints ``x`` as in a script), and tqdm's
-notebook bars, chosen in the notebook or by tqdm's own check (which looks only at
-whether ``ipykernel.zmqshell`` is imported), become its console bars, on the rank's
-stderr like every other line. (A widget made in a rank reaches nobody either way.)
+process those messages never reach the notebook: a tqdm.auto bar in each rank showed
+nothing in the cell and printed pages of raw message dicts into the kernel's own output
+(the Jupyter server's log). So a worker has no shell (``get_ipython()`` is None,
+``display(x)`` prints ``x`` as in a script), and tqdm's notebook bars, chosen in the
+notebook or by tqdm's own check (which looks only at whether ``ipykernel.zmqshell`` is
+imported), become its console bars, in the rank's output like every other line. HF
+transformers decided in the notebook too (a cached ``is_in_notebook()``, and its
+Trainer's HTML progress table): a rank asks again and gets console bars. (A widget made in a rank reaches nobody either way.)
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ LIGHTNING_FLAG = "_IS_INTERACTIVE"
 LIGHTNING_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning")
 LIGHTNING_FLAG_MODULES = ("lightning.fabric.utilities.imports", "lightning_fabric.utilities.imports")
 TQDM_CHOOSER = "tqdm.autonotebook"   # picks tqdm.notebook or tqdm.std once, at import
+HF_NOTEBOOK_CHECK = "transformers.utils.import_utils"   # is_in_notebook(), cached once asked
+HF_TRAINER = "transformers.trainer"   # picks its progress callback (an HTML table or tqdm) at import
 
 
 def behave_as_a_script() -> None:
@@ -73,7 +77,7 @@ def _clear_lightning_flag(module) -> None:
 
 
 def _leave_the_kernels_front_end() -> None:
-    """No shell, console tqdm bars (see the module docstring)."""
+    """No shell; console progress bars from tqdm and HF's Trainer (see the module docstring)."""
     import builtins
 
     from IPython.core.interactiveshell import InteractiveShell
@@ -86,6 +90,22 @@ def _leave_the_kernels_front_end() -> None:
         _console_tqdm(sys.modules[TQDM_CHOOSER])
     else:
         sys.meta_path.insert(0, _RunAfterImport(TQDM_CHOOSER, _console_tqdm))
+    _forget_transformers_notebook()
+
+
+def _forget_transformers_notebook() -> None:
+    """HF transformers answers ``is_in_notebook()`` once (an lru_cache), and its Trainer
+    shows progress as a notebook HTML table when transformers.trainer was imported in a
+    kernel: in a rank that table could only print ``<IPython.core.display.HTML object>``
+    lines. The answer is asked again here, and the Trainer gets the console bars a script
+    gets (tqdm, on rank 0's output)."""
+    check = getattr(sys.modules.get(HF_NOTEBOOK_CHECK), "is_in_notebook", None)
+    if hasattr(check, "cache_clear"):
+        check.cache_clear()
+    trainer = sys.modules.get(HF_TRAINER)
+    console = getattr(trainer, "ProgressCallback", None)
+    if console is not None and getattr(trainer, "DEFAULT_PROGRESS_CALLBACK", console) is not console:
+        trainer.DEFAULT_PROGRESS_CALLBACK = console
 
 
 def _console_tqdm(chooser) -> None:
