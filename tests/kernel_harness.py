@@ -49,11 +49,17 @@ class CellResult:
 class Kernel:
     """One ipykernel process. Use as a context manager; it is always shut down and reaped."""
 
-    def __init__(self, startup: str = "", timeout: float = 60) -> None:
+    def __init__(self, startup: str = "", timeout: float = 60, own_output: Optional[str] = None) -> None:
+        """``own_output``: a file that gets the kernel process's own stdout and stderr (what
+        the Jupyter server's log would show), which no cell sees."""
         env = dict(os.environ)
         env.pop("PYTEST_CURRENT_TEST", None)
         self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(cwd=REPO, env=env)
+        if own_output is None:
+            self.km.start_kernel(cwd=REPO, env=env)
+        else:
+            with open(own_output, "wb") as sink:   # the kernel keeps its own copy of the fd
+                self.km.start_kernel(cwd=REPO, env=env, stdout=sink, stderr=sink)
         self.client = self.km.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=timeout)
