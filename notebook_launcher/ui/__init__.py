@@ -28,7 +28,7 @@ def resolve_display(display: str) -> str:
         return display
     from ..environment import in_jupyter_kernel
 
-    if in_jupyter_kernel() and _widgets_importable():
+    if in_jupyter_kernel() and _widgets_installed():
         return "widgets"
     return "text"
 
@@ -61,7 +61,7 @@ def make_view(display: str, prefix: str = DEFAULT_PREFIX, title: str = "", host:
     return View(prefix, title)
 
 
-def _widgets_importable() -> bool:
+def _widgets_installed() -> bool:
     """Whether ipywidgets is installed, found without importing it: its import takes
     0.05-0.2 s of a kernel's first call, which a call that ends before its dashboard is
     due never needs (`ui.on_demand.dashboard_due`). Should the import fail later, the

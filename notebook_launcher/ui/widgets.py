@@ -132,7 +132,7 @@ class WidgetsView(View):
 
     def _show_or_say_why(self) -> None:
         """Build and show the dashboard; ipywidgets is imported here, so a broken install
-        shows up only now (`ui._widgets_importable` finds it without importing it)."""
+        shows up only now (`ui._widgets_installed` finds it without importing it)."""
         try:
             import ipywidgets  # noqa: F401
         except Exception as exc:
