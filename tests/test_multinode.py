@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -53,7 +54,10 @@ def test_two_nodes_form_one_job_with_global_ranks():
 def test_a_node_that_never_arrives_fails_clearly_after_rdzv_timeout():
     start = time.monotonic()
     out = finish(start_node(0, 2, free_port(), 3))
-    assert "ERROR rank 0 failed: TimeoutError: only 2 of 4 ranks arrived within rdzv_timeout=3s" in out, out
+    # Both ranks of this node time out at the same moment for the same reason; which one is
+    # named first is a race of milliseconds (CI once saw rank 1), the message is not.
+    assert re.search(r"ERROR rank [01] failed: TimeoutError: only 2 of 4 ranks arrived within rdzv_timeout=3s",
+                     out), out
     assert time.monotonic() - start < 30
 
 
