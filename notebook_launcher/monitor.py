@@ -29,6 +29,7 @@ from .errors import Failure, WorkerError, failure_from
 from .state import (Exited, Heartbeat, Metrics, Output, Progress, Ready, RunState, Stalled, Started,
                     TaskEnded)
 from .ui.base import View
+from .workers.frames import waiting_in_the_launcher
 from .workers.processes import WorkerHandle, signal_workers
 
 TICK = 0.1                  # seconds between view refreshes when nothing arrives
@@ -403,12 +404,12 @@ def _cpu_ticks(pid: int) -> Optional[int]:
 
 
 def likely_culprit(stuck: list, stacks: dict) -> int:
-    """Among stuck ranks, the one NOT waiting inside a torch.distributed call is the one
-    the others wait for (e.g. it never joined the collective)."""
+    """Among stuck ranks, the one NOT waiting (inside a torch.distributed call, or in the
+    launcher's own final barrier) is the one the others wait for (it never joined)."""
     for rank in stuck:
         current = stacks[rank].split("Current thread", 1)[-1]
         first_frame = next((line for line in current.splitlines() if 'File "' in line), "")
-        if "torch/distributed" not in first_frame:
+        if "torch/distributed" not in first_frame and not waiting_in_the_launcher(current):
             return rank
     return stuck[0]
 

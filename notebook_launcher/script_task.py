@@ -51,7 +51,7 @@ class ScriptTask:
                 runpy.run_module(self.target, run_name="__main__", alter_sys=True)
                 return None
             return self.resolve_function()()
-        finally:   # a rank's traceback leaves out this runner's frames (`bootstrap._user_frames`)
+        finally:   # a rank's traceback leaves out this runner's frames (`workers.frames`)
             sys.argv, sys.path[:] = saved_argv, saved_path
 
     def resolve_function(self):

@@ -23,6 +23,7 @@ Failure semantics (the README's "Interactive sessions" says the same to users):
 
 from __future__ import annotations
 
+import linecache
 import os
 import signal
 import sys
@@ -246,6 +247,8 @@ class Session:
         """
         targets = self._targets(ranks)
         filename = name or f"<dist-cell-{self._task_id + 1}>"
+        # Stall reports are built here: they show the cell's lines as IPython shows a cell's.
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
         results = self._call(tasks.Execute(source, filename), ranks=targets, values_from=targets)
         values = collect(self.config, results, targets, True)
         return {rank: text for rank, text in zip(targets, values) if text is not None}

@@ -22,7 +22,6 @@ import linecache
 import os
 import queue
 import re
-import runpy
 import signal
 import sys
 import threading
@@ -34,6 +33,7 @@ from typing import Any, Optional
 from .. import channel as ch
 from ..serialization import dumps_result, loads_task
 from . import context
+from .frames import user_traceback
 from .stacks import register_dump_handler
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between looks at the main thread's stack
@@ -436,7 +436,7 @@ def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any, send_v
 def _report_error(channel: ch.WorkerChannel, exc: BaseException, exitcode: Optional[int] = None) -> None:
     when = time.monotonic()
     _flush_std_streams()
-    text = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
+    text = "".join(traceback.format_exception(type(exc), exc, user_traceback(exc.__traceback__)))
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     failed = ch.TaskFailed(
         message=message.splitlines()[0] if message else type(exc).__name__, traceback=text,
@@ -453,22 +453,6 @@ def _lost_a_peer(exc: BaseException) -> bool:
     """A collective failing because another rank died (not the user's own socket error)."""
     distributed = type(exc) is RuntimeError or "Dist" in type(exc).__name__
     return distributed and bool(_SECONDARY_ERROR.search(str(exc)))
-
-
-# What runs a task before the user's code does: this loop, the task wrappers, and for
-# `python -m notebook_launcher run` its script runner with runpy and importlib.
-_OUR_FRAMES = (__file__, os.path.join(os.path.dirname(__file__), "tasks.py"),
-               os.path.join(os.path.dirname(os.path.dirname(__file__)), "script_task.py"), runpy.__file__)
-_PYTHON_MACHINERY = ("<frozen runpy", "<frozen importlib")
-
-
-def _user_frames(tb):
-    """Drop those frames from the top of a traceback: it starts at the user's own code,
-    as ``python script.py`` shows it."""
-    while tb is not None and (tb.tb_frame.f_code.co_filename in _OUR_FRAMES
-                              or tb.tb_frame.f_code.co_filename.startswith(_PYTHON_MACHINERY)):
-        tb = tb.tb_next
-    return tb
 
 
 def _pickled_exception(exc: BaseException) -> Optional[bytes]:

@@ -17,6 +17,8 @@ import signal
 import tempfile
 import time
 
+from .frames import Frame, is_thread_entry, user_part
+
 DUMP_SIGNAL = signal.SIGUSR1
 _FRAME = re.compile(r'^(\s*)File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>.*)$')
 
@@ -69,22 +71,23 @@ def _read(path: str) -> str:
         return ""
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OUR_THREADS = ("_flush_loop", "beat", "watch")  # the launcher's own helper threads in a worker
-
-
 def tidy(dump: str) -> str:
-    """Keep what matters to the user: their threads, and frames above our bootstrap."""
+    """Keep what matters to the user (`frames.user_part`'s rule): each thread's frames from
+    the user's own code inward; our helper threads go; a main thread that is in the
+    launcher's own work (the final barrier, between tasks) says so in one line."""
     blocks = [b for b in re.split(r"\n(?=(?:Current thread|Thread) 0x)", dump.strip()) if b.strip()]
     kept = []
     for block in blocks:
-        lines = block.splitlines()
-        frames = [m for m in map(_FRAME.match, lines[1:]) if m]
-        if any(m["file"].startswith(_PACKAGE_DIR) and m["func"] in _OUR_THREADS for m in frames):
+        header, *lines = block.splitlines()
+        matched = [(line, m) for line in lines if (m := _FRAME.match(line))]
+        stack = [Frame(m["file"], m["func"], int(m["line"])) for _, m in reversed(matched)]  # outermost first
+        user, doing = user_part(stack)
+        if not user:
+            if not is_thread_entry(stack):
+                kept.append(f"{header}\n  ({doing})")
             continue  # a helper thread of ours
-        cut = next((i for i, line in enumerate(lines) if (m := _FRAME.match(line))
-                    and m["file"].startswith(_PACKAGE_DIR) and m["func"] == "_serve"), len(lines))
-        kept.append("\n".join(lines[:cut]))
+        keep = len(user)
+        kept.append("\n".join([header, *(line for line, _ in matched[:keep])]))
     return "\n\n".join(kept)
 
 

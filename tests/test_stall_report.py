@@ -1,0 +1,62 @@
+"""A real stall's report shows the user's frames only (`workers.frames`' one rule).
+
+Two real ranks, one stuck in ``time.sleep`` inside the user's function while the other has
+finished the function and waits in the launcher's final barrier; and a session whose
+rank 1 sleeps in a cell while rank 0 waits in a collective. The stall report must name
+the user's lines, say in words where a rank is inside the launcher, and never show our
+helper threads, our worker loop, or the task wrappers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import torch.distributed as dist
+
+from notebook_launcher import Session, WorkerError, notebook_launcher
+
+OUR_FRAMES = re.compile(r'File "[^"]*notebook_launcher/(workers|channel|script_task)[^"]*"|in _run_task|in _serve'
+                        r'|in _finish_together|multiprocess/')
+
+
+def rank_one_sleeps():
+    if dist.get_rank() == 1:
+        time.sleep(60)   # USER LINE: the stuck rank
+    return "done"
+
+
+def blocks(text: str, rank: int) -> list:
+    """The thread blocks of one rank's stacks in a WorkerError's traceback text."""
+    part = text.split(f"--- rank {rank}: Python stacks", 1)[1].split("--- rank ", 1)[0]
+    return [b for b in re.split(r"\n(?=(?:Current thread|Thread) 0x)", part) if "0x" in b]
+
+
+def test_a_stall_report_shows_user_frames_and_says_where_a_finished_rank_waits():
+    with pytest.raises(WorkerError) as caught:
+        notebook_launcher(rank_one_sleeps, num_processes=2, device="cpu", display="none",
+                          stall_timeout=2, on_stall="raise")
+    text = caught.value.remote_traceback
+    assert "time.sleep(60)   # USER LINE: the stuck rank" in text, text
+    assert 'in rank_one_sleeps' in text
+    assert not OUR_FRAMES.search(text), text
+    one = blocks(text, 1)
+    assert len(one) == 1, one                     # only the main thread: our helper threads are gone
+    zero = blocks(text, 0)
+    assert len(zero) == 1 and "(finished the function (waiting for the other ranks to finish it))" in zero[0], zero
+    assert caught.value.rank == 1                 # the rank not waiting in torch.distributed
+
+
+def test_a_session_stall_names_the_cell_line_and_no_frame_of_ours():
+    with Session(2, device="cpu", display="none", stall_timeout=2, on_stall="raise") as session:
+        with pytest.raises(WorkerError) as caught:
+            session.execute("import time\nif rank == 1:\n    time.sleep(60)\nelse:\n"
+                            "    dist.all_reduce(torch.ones(1))\n")
+    text = caught.value.remote_traceback
+    assert "time.sleep(60)" in text and "dist.all_reduce(torch.ones(1))" in text, text
+    assert '<dist-cell-1>", line 3' in text and '<dist-cell-1>", line 5' in text
+    assert not OUR_FRAMES.search(text), text
+    assert "tasks.py" not in text and "Execute" not in text
+    for rank in (0, 1):
+        assert len(blocks(text, rank)) == 1, blocks(text, rank)
