@@ -13,18 +13,33 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+def _running(process: psutil.Process) -> bool:
+    """Not exited: a zombie has, and so has a process that is gone by the time we ask."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return "(exited meanwhile)"
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
-    """Every test must reap what it started (kernels are shut down by their fixtures)."""
+    """Every test must reap what it started (kernels are shut down by their fixtures).
+    Children are still exiting while we look: one that is gone counts as reaped."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
     import time
 
     deadline = time.monotonic() + 5
     while True:
-        left = [p for p in psutil.Process().children(recursive=True)
-                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and _running(p)]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"
+    assert not left, f"processes left behind: {[(p.pid, _name(p)) for p in left]}"

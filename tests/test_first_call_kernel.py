@@ -174,8 +174,20 @@ def test_functions_that_do_not_reach_dynamo_are_left_alone():
 
 
 def test_tasks_without_a_function_are_not_inspected():
-    # spawn (no first task) and a session's first request: nothing to decide, and no error
-    from notebook_launcher.workers.tasks import Execute, Pull
-
-    for task in (None, Execute("import torch", "<dist-cell-1>"), Pull("x")):
-        before_fork(task)
+    """Spawn (no first task) and a session's first request carry no function: nothing to
+    decide, so nothing is imported and nothing fails, even when the request's source
+    builds DDP (a session preloads at its start, not here). In a fresh process: the test
+    process may have imported torch._dynamo already."""
+    code = textwrap.dedent("""
+        import sys, torch
+        from notebook_launcher.workers.preload import PRELOAD_MODULE, before_fork
+        from notebook_launcher.workers.tasks import Execute, Pull
+        ddp_cell = Execute("model = torch.nn.parallel.DistributedDataParallel(net)\\n"
+                           "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)", "<dist-cell-1>")
+        for task in (None, ddp_cell, Pull("model")):
+            before_fork(task)
+        print("IMPORTED", PRELOAD_MODULE in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["IMPORTED", "False"], out.stdout + out.stderr
