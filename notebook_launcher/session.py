@@ -368,7 +368,7 @@ class Session:
             return View(self.config.line_prefix, self.title)
         from .ui.on_demand import OnDemandView
 
-        return OnDemandView(lambda: make_view(display, self.config.line_prefix, self.title),
+        return OnDemandView(lambda: make_view(display, self.config.line_prefix, self.title, show_log=False),
                             self.config.line_prefix, self.title)
 
 

@@ -258,10 +258,13 @@ class ProgressState:
         round(bar.rate)                  # 356: 210 batches in 0.59 s
     """
 
-    # Events are stamped when the parent reads them, in batches (every 0.1 s or later
+    # Events stamped when the parent reads them come in batches (every 0.1 s or later
     # when the parent is busy), so a short span measures the parent, not the loop: no
-    # rate from less than this many seconds (the error is then ~20 % at most).
+    # rate from less than this many seconds (the error is then ~20 % at most). Events
+    # stamped by the rank when it stepped (``Progress.sent``) measure the loop itself, so
+    # a quick loop (30 steps in 0.3 s) still gets its rate.
     MIN_SPAN = 0.5
+    MIN_SPAN_RANK_CLOCK = 0.05
     # A pause between two runs of a bar longer than this (an evaluation between epochs)
     # is left out of the rate; a shorter one counts, as it may be the parent's reading
     # delay rather than a pause of the loop.
@@ -276,6 +279,7 @@ class ProgressState:
     done_before: int = 0                 # items done in earlier runs
     paused: float = 0.0                  # seconds of pauses between runs left out of the rate
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
+    rank_clock: bool = False             # times are when the rank stepped, not when the parent read
 
     def update(self, n: int, t: float) -> None:
         self.n, self.updated_at = n, t
@@ -303,7 +307,8 @@ class ProgressState:
     @property
     def rate(self) -> Optional[float]:
         """Items per second since the newest sample at least `RATE_WINDOW` old (or the
-        oldest one); None over less than `MIN_SPAN` seconds or when nothing moved."""
+        oldest one); None over less than `MIN_SPAN` seconds (`MIN_SPAN_RANK_CLOCK` when
+        the rank stamped the steps) or when nothing moved."""
         if self.updated_at is None or not self.samples:
             return None
         samples = tuple(self.samples)  # one atomic copy: views read the state from other threads
@@ -313,7 +318,8 @@ class ProgressState:
             if t > now - RATE_WINDOW:
                 break
             then, done_then = t, n
-        if now - then < self.MIN_SPAN or done <= done_then:
+        min_span = self.MIN_SPAN_RANK_CLOCK if self.rank_clock else self.MIN_SPAN
+        if now - then < min_span or done <= done_then:
             return None
         return (done - done_then) / (now - then)
 
@@ -483,6 +489,7 @@ class RunState:
                 )
             for depth in [d for d in self.progress if d > event.depth]:
                 del self.progress[depth]  # bars nested in a restarted one start over
+        bar.rank_clock = event.sent is not None
         bar.update(event.n, when)
         self.progress_version += 1
 

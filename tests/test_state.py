@@ -141,3 +141,14 @@ def test_formatting_helpers():
     assert format_duration(3723) == "1:02:03"
     assert format_duration(None) == "?"
     assert format_rate(2150.4) == "2,150 it/s" and format_rate(12.34) == "12.3 it/s" and format_rate(0.25) == "4 s/it" and format_rate(None) == "? it/s"
+
+
+def test_a_quick_loop_stamped_by_the_rank_has_a_rate_and_one_read_by_the_parent_has_none():
+    """30 steps in 0.3 s: the rank's own timestamps measure the loop (a session cell's bar
+    ends with a rate); parent read times over so short a span do not."""
+    stamped, read = new_state(), new_state()
+    for n in range(31):
+        stamped.apply(Progress(0, n, 30, "batch", 0, t=7.0 + n * 0.001, sent=5.0 + n * 0.01))
+        read.apply(Progress(0, n, 30, "batch", 0, t=5.0 + n * 0.01))
+    assert stamped.bars()[0].rate == pytest.approx(100, rel=0.05)
+    assert read.bars()[0].rate is None

@@ -153,3 +153,15 @@ def test_the_final_picture_is_fitted_to_the_data():
     low, high = series["loss"].low, series["loss"].high
     assert low - 1.5 * HEADROOM * (high - low) < bottom < low
     assert high < top < high + 1.5 * HEADROOM * (high - low)
+
+
+def test_a_few_points_are_drawn_as_they_are_and_many_are_smoothed():
+    """An average of 3 points lags far behind them: a short series is drawn raw, with markers."""
+    plot = MetricsPlot()
+    plot.render({"acc": filled([0.1, 0.5, 0.9])}, smoothing=0.6)
+    _, raw, line, _ = plot._panels["acc"]
+    assert list(line.get_ydata()) == pytest.approx([0.1, 0.5, 0.9]) and line.get_marker() == "o"
+    assert not raw.get_visible()
+    plot.render({"acc": filled([i / 50 for i in range(50)])}, smoothing=0.6)
+    _, raw, line, _ = plot._panels["acc"]
+    assert line.get_ydata()[-1] < 49 / 50 - 0.01 and raw.get_visible() and line.get_marker() in ("", "None")

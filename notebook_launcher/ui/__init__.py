@@ -33,11 +33,14 @@ def resolve_display(display: str) -> str:
     return "text"
 
 
-def make_view(display: str, prefix: str = DEFAULT_PREFIX, title: str = "", host: Optional[Any] = None) -> View:
+def make_view(display: str, prefix: str = DEFAULT_PREFIX, title: str = "", host: Optional[Any] = None,
+              show_log: bool = True) -> View:
     """The view for ``display`` ("auto" | "widgets" | "text" | "none").
 
     ``host``: an ipywidgets container already shown in a cell; the widgets view puts
     itself inside it instead of displaying a new output (used by ``block=False`` runs).
+    ``show_log``: False prints output lines in the cell as they come instead of keeping
+    them in the dashboard's log panel and summary (a session's cell: as its own prints).
 
     Example::
 
@@ -50,7 +53,7 @@ def make_view(display: str, prefix: str = DEFAULT_PREFIX, title: str = "", host:
         if host is not None or in_jupyter_kernel():
             from .widgets import WidgetsView
 
-            return WidgetsView(prefix, title, host=host)
+            return WidgetsView(prefix, title, host=host, show_log=show_log)
         print("notebook_launcher: display='widgets' needs a Jupyter kernel; showing text instead.",
               file=sys.stderr)
         display = "text"

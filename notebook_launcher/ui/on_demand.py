@@ -42,6 +42,15 @@ class OnDemandView(View):
         self._make = make_dashboard
         self.dashboard: Optional[View] = None
 
+    def output(self, rank: int, stream: str, lines: list) -> None:
+        """Printed at once; once the dashboard exists it prints them, so that a text
+        dashboard's progress line is cleared first (a widgets one is built without a log
+        panel: the lines are the cell's, shown once)."""
+        if self.dashboard is not None:
+            self.dashboard.output(rank, stream, lines)
+        else:
+            super().output(rank, stream, lines)
+
     def refresh(self, state: RunState) -> None:
         if self.dashboard is None and dashboard_due(state):
             self.dashboard = self._make()

@@ -28,6 +28,8 @@ RELAYOUT_EVERY = 4      # full redraws between two (costly) tight-layout passes
 HEADROOM = 0.08         # y limits: this fraction of the data's span is added on each side
 SHRINK_BELOW = 0.45     # ...and refitted when a fresh fit would be less than this share of them
 REACH = 0.2             # a crossed y limit moves this fraction of the data's span past the data
+SMOOTH_FROM = 10        # fewer points than this are drawn as they are (an average of 3 points lags far behind them)
+MARKERS_UP_TO = 30      # ...and up to this many points each gets a marker
 
 
 def smooth(values: Sequence[float], weight: float) -> list:
@@ -128,7 +130,7 @@ class MetricsPlot:
             axes = self.figure.add_subplot(rows, columns, index + 1)
             color = COLORS[index % len(COLORS)]
             raw, = axes.plot([], [], color=color, linewidth=0.8, alpha=0.28)
-            smooth_line, = axes.plot([], [], color=color, linewidth=1.7)
+            smooth_line, = axes.plot([], [], color=color, linewidth=1.7, markersize=3)
             title = axes.set_title(name, loc="left", fontsize=10, color="#222222", pad=4)
             axes.set_autoscale_on(False)
             axes.grid(True, color="#e6e6e6", linewidth=0.8)
@@ -152,11 +154,13 @@ class MetricsPlot:
         axes, raw, smooth_line, title = self._panels[name]
         steps, values = series.points()
         xs, ys = thin(steps, values)
+        if len(xs) < SMOOTH_FROM:
+            smoothing = 0.0
         sx, sy = xs, smooth(ys, smoothing)  # smoothing the drawn points: cheap, same look
         raw.set_data(xs, ys)
         raw.set_visible(smoothing > 0 and len(xs) > 1)
         smooth_line.set_data(sx, sy)
-        smooth_line.set_marker("o" if len(sx) == 1 else "")  # a single point still shows
+        smooth_line.set_marker("o" if len(sx) <= MARKERS_UP_TO else "")  # a few points (or one) still show
         # Live, the title is the name (part of the background; the table has the values);
         # the final picture, which may be read on its own, shows the last value too.
         text = f"{name}  {format_value(series.last)}" if final else name

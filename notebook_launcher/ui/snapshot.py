@@ -62,7 +62,7 @@ def build(state: RunState, title: str, prefix: Callable[[int], str], png: Option
     if state.failure is not None and state.failure.traceback:
         text += "\n" + "\n".join(state.failure.traceback.rstrip().splitlines()[-10:])
     log_html, log_text = "", ""
-    if state.log:
+    if state.log and log_lines > 0:
         shown = min(log_lines, len(state.log))
         caption = (f"last {shown:,} of {state.lines_seen:,} output lines" if state.lines_seen > shown
                    else f"{shown:,} output line{'s' if shown != 1 else ''}")

@@ -56,9 +56,10 @@ class WidgetsView(View):
     """
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, title: str = "", host: Optional[Any] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, show_log: bool = True) -> None:
         super().__init__(prefix, title, clock)
         self.host = host
+        self.show_log = show_log    # False: lines are printed in the cell as they come (a session's cell)
         self.box: Optional[Any] = None
         self.snapshot: Optional[snapshot.Snapshot] = None
         self.png: Optional[bytes] = None            # the last plot sent
@@ -105,7 +106,10 @@ class WidgetsView(View):
 
 
     def output(self, rank: int, stream: str, lines: list) -> None:
-        """Lines are already in ``state.log``; the log panel shows them at its own pace."""
+        """Lines are already in ``state.log``; the log panel shows them at its own pace.
+        Without a log panel they are printed in the cell, once, like a cell's own prints."""
+        if not self.show_log:
+            super().output(rank, stream, lines)
 
     def refresh(self, state: RunState) -> None:
         if self._broken:
@@ -193,7 +197,7 @@ class WidgetsView(View):
         if force or self._texts.ready(now):
             self._update_bars(state, texts=True)
             self.tables.value = self._tables_html(state)
-            if state.log_version != self._log_seen:
+            if self.show_log and state.log_version != self._log_seen:
                 self._log_seen = state.log_version
                 self.log.value = fragments.log_panel(state, self.prefix, LOG_PANEL_LINES)
         if state.series and (state.metrics_version != self._plot_seen or self._plot_dirty) \
@@ -285,7 +289,7 @@ class WidgetsView(View):
         style = END_STYLE.get(state.status, "warning")
         for _, _, bar, _ in self.bars:
             bar.bar_style = style
-        self.snapshot = snapshot.build(state, self.title, self.prefix, png)
+        self.snapshot = snapshot.build(state, self.title, self.prefix, png, log_lines=self._summary_lines())
         self._plot = None  # the figure's memory goes with the live plot
         if self.host is None and self._handle is not None:
             self._replace_output(self.snapshot)
@@ -296,9 +300,13 @@ class WidgetsView(View):
         """A run that ended before its dashboard was due: only the static summary."""
         from IPython.display import display
 
-        self.snapshot = snapshot.build(state, self.title, self.prefix, None)
+        self.snapshot = snapshot.build(state, self.title, self.prefix, None, log_lines=self._summary_lines())
         for bundle in self.snapshot.bundles():
             display(bundle, raw=True)
+
+    def _summary_lines(self) -> int:
+        """Output lines the summary repeats: none when they were printed in the cell already."""
+        return snapshot.FINAL_LOG_LINES if self.show_log else 0
 
     def _replace_output(self, snap: snapshot.Snapshot) -> None:
         """Blocking run: the cell is still executing, so its output can be replaced for good."""
