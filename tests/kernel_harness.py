@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,10 +63,15 @@ class Kernel:
                 self.km.start_kernel(cwd=REPO, env=env, stdout=sink, stderr=sink)
         self.client = self.km.client()
         self.client.start_channels()
-        self.client.wait_for_ready(timeout=timeout)
+        self.startup, self.timeout = startup, timeout
+        self._ready()
+
+    def _ready(self) -> None:
+        """Wait for the kernel process now running, then run the startup code in it."""
+        self.client.wait_for_ready(timeout=self.timeout)
         self.pid = self.km.provisioner.process.pid
-        if startup:
-            result = self.run(startup, timeout=timeout)
+        if self.startup:
+            result = self.run(self.startup, timeout=self.timeout)
             assert result.status == "ok", result.traceback
 
     def __enter__(self) -> "Kernel":
@@ -129,6 +135,37 @@ class Kernel:
     def interrupt(self) -> None:
         self.km.interrupt_kernel()
 
+    def submit(self, code: str) -> str:
+        """Start a cell without waiting for it; returns its msg_id for `wait_for_output`."""
+        return self.client.execute(code, store_history=True)
+
+    def wait_for_output(self, msg_id: str, pattern: str, timeout: float = 60) -> str:
+        """Read the running cell ``msg_id``'s stdout until ``pattern`` (a regex) matches
+        it; returns the stdout so far. TimeoutError if the cell ends or ``timeout`` passes first."""
+        stdout, deadline = "", time.monotonic() + timeout
+        while not re.search(pattern, stdout):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {pattern!r} in {timeout}s; output so far:\n{stdout[-3000:]}")
+            try:
+                msg = self.client.get_iopub_msg(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            content = msg["content"]
+            if msg["msg_type"] == "stream" and content["name"] == "stdout":
+                stdout += content["text"]
+            elif msg["msg_type"] == "status" and content["execution_state"] == "idle":
+                raise TimeoutError(f"the cell ended without {pattern!r}; its output:\n{stdout[-3000:]}")
+        return stdout
+
+    def restart(self, now: bool) -> None:
+        """jupyter_client's restart (as a notebook's restart button): ``now`` kills the kernel
+        at once, else it is asked to shut down first. The startup code runs again."""
+        self.km.restart_kernel(now=now)
+        self._ready()
+
     # ------------------------------------------------------------- processes
     def descendants(self) -> list:
         """Live processes started under the kernel (zombies not yet reaped included)."""
@@ -162,7 +199,48 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def pids_alive(pids) -> list:
-    return [pid for pid in pids if psutil.pid_exists(pid) and _alive(psutil.Process(pid))]
+    """The ``pids`` still running (a zombie has exited; so has a process gone meanwhile)."""
+    return [pid for pid in pids if not _exited(pid)]
+
+
+def wait_pids_gone(pids, timeout: float) -> list:
+    """Poll until none of ``pids`` runs or ``timeout`` passes; returns those still running."""
+    deadline = time.monotonic() + timeout
+    left = pids_alive(pids)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = pids_alive(left)
+    return left
+
+
+def wait_until_blocked(pid: int, settle: float = 0.3, timeout: float = 20.0) -> None:
+    """Wait until ``pid``'s main thread has been blocked for ``settle`` seconds: asleep in
+    the kernel (state S or D) at every look and using no CPU time meanwhile.
+
+    Used after a rank printed that it is about to enter a blocking call: a thread that
+    printed and then blocks is inside that call (a thread on its way there runs, and a
+    wait for the GIL ends within milliseconds). AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    since, cpu, state = None, None, "?"
+    while time.monotonic() < deadline:
+        state, used = _main_thread_state(pid)
+        now = time.monotonic()
+        if state not in ("S", "D") or used != cpu:
+            since, cpu = now, used
+        elif now - since >= settle:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not block within {timeout}s (state {state})")
+
+
+def _main_thread_state(pid: int) -> tuple:
+    """(state letter, user + system CPU ticks) of the thread whose id is ``pid``."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        raise AssertionError(f"process {pid} exited while we waited for it to block") from None
+    return fields[0], int(fields[11]) + int(fields[12])
 
 
 class ExitWatch:
