@@ -5,6 +5,7 @@ TensorBoard's EventAccumulator, MLflow's client, wandb's offline run file, track
 
 import glob
 import json
+import multiprocessing
 import os
 import socket
 import struct
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from notebook_launcher.channel import Report
@@ -68,12 +70,21 @@ def mlflow_runs(client, experiment: str) -> list:
     return sorted(client.search_runs([experiment_id]), key=lambda run: run.info.start_time)
 
 
-def scalars(logdir: str, tag: str) -> list:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def tensorboard_runs(folder, tag: str) -> dict:
+    """{run: [(step, value), ...]} for every run under ``folder`` that has ``tag``, as
+    TensorBoard itself lists them for ``tensorboard --logdir folder`` (its multiplexer:
+    a run is a folder, named by its path below ``folder``)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-    accumulator = EventAccumulator(logdir)
-    accumulator.Reload()
-    return [(event.step, pytest.approx(event.value)) for event in accumulator.Scalars(tag)]
+    runs = EventMultiplexer().AddRunsFromDirectory(str(folder))
+    runs.Reload()
+    return {name: [(event.step, pytest.approx(event.value)) for event in runs.Scalars(name, tag)]
+            for name in sorted(runs.Runs()) if tag in runs.GetAccumulator(name).Tags()["scalars"]}
+
+
+def steps_of(runs: dict) -> dict:
+    """{run: [step, ...]} of `tensorboard_runs`."""
+    return {name: [step for step, _ in points] for name, points in runs.items()}
 
 
 # ----------------------------------------------------------------- the run is recorded
@@ -91,9 +102,9 @@ def test_tensorboard_and_mlflow_record_rank0s_run(tmp_path, mlflow_store):
     assert longest < 0.05  # a queue append, whatever the trackers do
 
     expected = [(step, pytest.approx(loss)) for step, loss in enumerate(LOSSES)]
-    assert sorted(os.listdir(tmp_path)) == ["recorded"]
-    assert scalars(str(tmp_path / "recorded"), "train/loss") == expected
-    accumulator = EventAccumulator(str(tmp_path / "recorded"))
+    assert sorted(os.listdir(tmp_path)) == ["recorded"]  # rank 1's init opened nothing
+    assert tensorboard_runs(tmp_path, "train/loss") == {"recorded/version_0": expected}
+    accumulator = EventAccumulator(str(tmp_path / "recorded" / "version_0"))
     accumulator.Reload()
     hparams = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     assert b"optimizer/momentum" in hparams and b"lr" in hparams
@@ -123,8 +134,37 @@ def test_a_failed_attempt_ends_failed_and_the_next_opens_a_fresh_run(tmp_path, m
     assert len(mlflow_store.get_metric_history(failed.info.run_id, "train/loss")) == 5
     assert len(mlflow_store.get_metric_history(fresh.info.run_id, "train/loss")) == STEPS
     # TensorBoard: the restart is a run of its own, beside the failed one.
-    assert [step for step, _ in scalars(str(tmp_path / "restarts"), "train/loss")] == [0, 1, 2, 3, 4]
-    assert [step for step, _ in scalars(str(tmp_path / "restarts" / "attempt_1"), "train/loss")] == list(range(STEPS))
+    assert steps_of(tensorboard_runs(tmp_path, "train/loss")) == {
+        "restarts/version_0": [0, 1, 2, 3, 4], "restarts/version_1": list(range(STEPS))}
+
+
+def take_versions(parent: str, barrier, count: int, results) -> None:
+    """In a forked process: wait for the others, then take ``count`` run folders."""
+    from notebook_launcher.trackers.tensorboard_run import new_version_dir
+
+    barrier.wait(timeout=30)
+    results.put([new_version_dir(parent) for _ in range(count)])
+
+
+def test_runs_starting_together_in_one_folder_each_get_their_own(tmp_path):
+    """Four processes take 50 TensorBoard run folders each in one project folder, all at once
+    (two kernels, a sweep): each folder is taken once, numbered 0..199 without a gap."""
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(4), context.Queue()
+    processes = [context.Process(target=take_versions, args=(str(tmp_path / "p"), barrier, 50, results))
+                 for _ in range(4)]
+    for process in processes:
+        process.start()
+    try:
+        taken = [path for _ in processes for path in results.get(timeout=60)]
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+    assert len(set(taken)) == len(taken) == 200
+    assert sorted(os.listdir(tmp_path / "p")) == sorted(f"version_{n}" for n in range(200))
 
 
 # ----------------------------------------------------------------- wandb and trackio
@@ -158,7 +198,44 @@ def wandb_offline(monkeypatch):
     yield
     import wandb
 
-    wandb.teardown()  # wandb's service process lives as long as the process otherwise
+    wandb.teardown()  # a test that failed may leave wandb's service process running
+
+
+def wandb_processes() -> list:
+    """wandb's service processes under this one (wandb-core and its system monitor)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.name().startswith("wandb") and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(condition())
+
+
+def offline_run(path: str) -> tuple:
+    """(history rows as (step, {key: value}), config, exit code) of an offline run file,
+    once wandb's service wrote its exit record (finish() returns before that)."""
+    wait_for(lambda: "exit" in [r.WhichOneof("record_type") for r in wandb_records(path)], timeout=30)
+    history, config, exit_code = [], {}, None
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.append((row.pop("_step"), row))
+        elif kind in ("run", "config"):
+            updates = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in updates})
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return history, config, exit_code
 
 
 def test_wandb_offline_writes_the_history_and_the_exit_code(tmp_path, wandb_offline):
@@ -166,29 +243,35 @@ def test_wandb_offline_writes_the_history_and_the_exit_code(tmp_path, wandb_offl
     hub = TrackerHub(warn=said.append)
     feed(hub, [*run_messages(("wandb",), "offline-demo", str(tmp_path))[:-1],
                TrackerConfig({"batch_size": 8}, tracker="wandb")])
+    assert wait_for(wandb_processes, timeout=60), "wandb's service never started"
     hub.close("failed")
     assert said == []
+    # The notebook had no wandb run of its own: wandb's service is stopped with ours (a later
+    # fork of the notebook would inherit its threads and sockets otherwise).
+    assert wait_for(lambda: not wandb_processes(), timeout=10), wandb_processes()
 
     (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    # finish() returns once wandb's service has the run; the service writes the file right after.
-    deadline = time.monotonic() + 30
-    while "exit" not in [r.WhichOneof("record_type") for r in wandb_records(path)] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    history, config, exit_code = [], {}, None
-    for record in wandb_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            history.append((row["_step"], row["train/loss"], row["note"]))
-        elif kind in ("run", "config"):
-            updates = record.run.config.update if kind == "run" else record.config.update
-            config.update({item.key: json.loads(item.value_json) for item in updates})
-        elif kind == "exit":
-            exit_code = record.exit.exit_code
-    assert history == [(step, pytest.approx(loss), f"step {step}") for step, loss in enumerate(LOSSES)]
+    history, config, exit_code = offline_run(path)
+    assert [(step, row["train/loss"], row["note"]) for step, row in history] == [
+        (step, pytest.approx(loss), f"step {step}") for step, loss in enumerate(LOSSES)]
     assert config["lr"] == 0.1 and config["optimizer"] == {"name": "sgd", "momentum": 0.9}
     assert config["batch_size"] == 8
     assert exit_code == 1
+
+
+def test_a_wandb_run_of_the_notebooks_own_keeps_wandbs_service(tmp_path, wandb_offline):
+    import wandb
+
+    mine = wandb.init(project="mine", dir=str(tmp_path / "mine"), settings=wandb.Settings(console="off"))
+    hub = TrackerHub()
+    feed(hub, run_messages(("wandb",), "ours", str(tmp_path / "ours")))
+    assert hub.close("succeeded")
+    assert wandb.run is mine and wandb_processes()  # ours is closed, the service serves the person's run
+    mine.log({"after": 1.0})
+    mine.finish()
+    (path,) = glob.glob(str(tmp_path / "mine" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history, _, exit_code = offline_run(path)
+    assert [(step, row["after"]) for step, row in history] == [(0, 1.0)] and exit_code == 0
 
 
 def test_trackio_records_the_metrics_and_config(tmp_path, monkeypatch):
@@ -220,14 +303,25 @@ def test_report_mode_logs_every_rank0_report_once(tmp_path):
     feed(hub, [TrackerInit(("tensorboard",), "reports", {"lr": 0.1}, {}, str(tmp_path)), *messages])
     feed(hub, [Report(0, {"loss": 5.0}, 0.0)], rank=1)
     hub.close("succeeded")
-    assert scalars(str(tmp_path / "reports"), "loss") == [(step, pytest.approx(loss)) for step, loss in enumerate(LOSSES)]
+    # One run: the report mode wrote to the run init_trackers opened, each step once.
+    assert tensorboard_runs(tmp_path, "loss") == {
+        "reports/version_0": [(step, pytest.approx(loss)) for step, loss in enumerate(LOSSES)]}
 
 
 def test_reports_are_ignored_without_log_with(tmp_path):
+    # No run open: reports start nothing (no writer thread; close has nothing to wait for).
     hub = TrackerHub()
     feed(hub, [Report(step, {"loss": 1.0}, 0.0) for step in range(5)])
+    assert "notebook_launcher-trackers" not in [t.name for t in threading.enumerate()]
     assert hub.close("succeeded")
-    assert not os.listdir(tmp_path) and "notebook_launcher-trackers" not in [t.name for t in threading.enumerate()]
+    # A run that init_trackers opened gets what log() sends, and no report (those are the dashboard's).
+    hub = TrackerHub()
+    feed(hub, [TrackerInit(("tensorboard",), "logged", {}, {}, str(tmp_path)),
+               *[Report(step, {"loss": 5.0, "reported": 1.0}, 0.0) for step in range(5)],
+               TrackerLog({"loss": 1.0}, step=0)])
+    assert hub.close("succeeded")
+    assert tensorboard_runs(tmp_path, "loss") == {"logged/version_0": [(0, pytest.approx(1.0))]}
+    assert tensorboard_runs(tmp_path, "reported") == {}
 
 
 # ----------------------------------------------------------------- trackers that fail or hang
@@ -238,7 +332,7 @@ def test_a_failing_tracker_is_reported_once_and_the_others_go_on(tmp_path, mlflo
     feed(hub, [init, *losses_at(), TrackerEnd()])
     hub.close("succeeded")
     assert len(said) == 1 and "MLflow tracker failed to open a run" in said[0] and "no_such_option" in said[0]
-    assert len(scalars(str(tmp_path / "failing"), "train/loss")) == STEPS
+    assert steps_of(tensorboard_runs(tmp_path, "train/loss")) == {"failing/version_0": list(range(STEPS))}
 
     said.clear()
     hub = TrackerHub(warn=said.append)

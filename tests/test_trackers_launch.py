@@ -20,6 +20,7 @@ import torch
 from notebook_launcher import Accelerator, notebook_launcher as launch, report
 from notebook_launcher.errors import LaunchConfigError
 from notebook_launcher.trackers import SUPPORTED
+from test_trackers_hub import steps_of, tensorboard_runs
 
 STEPS = 20
 TRACKER_MODULES = ("tensorboard", "tensorboardX", "mlflow", "wandb", "trackio")
@@ -68,10 +69,15 @@ def main(project_dir: str, log_with: list, launches: list) -> None:
     print("RESULT " + json.dumps(outcomes))
 
 
+# Below pytest's own limit for a test (180 s, pyproject.toml), so that a hung launch fails with
+# its output rather than pytest's bare timeout. Two launches with all four trackers take about 30 s on a busy 2-core machine.
+FRESH_PYTHON_TIMEOUT = 120
+
+
 def in_fresh_python(tmp_path, log_with: list, launches=(None,), env=None) -> list:
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_trackers_launch as t; "
             f"t.main({str(tmp_path)!r}, {log_with!r}, {list(launches)!r})")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=FRESH_PYTHON_TIMEOUT,
                           env={**os.environ, **(env or {})}, cwd=str(tmp_path))
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
@@ -92,11 +98,17 @@ def tracker_env(folder) -> dict:
             "TRACKIO_DIR": str(folder / "trackio")}
 
 
+FAIL_AT = 11  # the second launch's rank 0 raises there, after logging steps 0..10
+
+
 @pytest.fixture(scope="module")
 def all_four(tmp_path_factory):
-    """One launch logging to every supported tracker: (its folder, every rank's result)."""
+    """Two launches with one project name, logging to every supported tracker: the first
+    succeeds (STEPS steps), the second fails at step FAIL_AT. (the folder, every rank's
+    result of the first)."""
     folder = tmp_path_factory.mktemp("all-four")
-    (results,) = in_fresh_python(folder, list(SUPPORTED), env=tracker_env(folder))
+    results, failed = in_fresh_python(folder, list(SUPPORTED), launches=(None, FAIL_AT), env=tracker_env(folder))
+    assert failed.startswith("WorkerError") and f"failed at step {FAIL_AT}" in failed
     return folder, results
 
 
@@ -132,26 +144,30 @@ def test_a_plain_process_writes_through_its_own_hub(tmp_path):
             accelerator.log({"loss": torch.tensor(1.0 / (step + 1)), "phase": "train", "skip": object()}, step=step)
     accelerator.end_training()
     assert len([w for w in caught if "'skip'" in str(w.message)]) == 1  # said once, not per step
-    events = EventAccumulator(str(tmp_path / "plain"))
+    events = EventAccumulator(str(tmp_path / "plain" / "version_0"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == list(range(STEPS))
     assert "phase/text_summary" in events.Tags()["tensors"]
 
 
 # ----------------------------------------------------------------- through the launcher's hub
-def test_tensorboard_and_mlflow_record_rank0_through_a_launch(all_four):
+def test_each_launch_is_a_tensorboard_and_mlflow_run_of_its_own(all_four):
+    """Same project name, two launches: two runs, each with its own points (rank 0's)."""
     from mlflow import MlflowClient
 
     folder, _ = all_four
-    assert scalars(folder / "e2e", "train/loss") == [(step, pytest.approx(1.0 / (step + 1))) for step in range(STEPS)]
-    assert scalars(folder / "e2e", "eval/accuracy") == [(STEPS, 0.5)]  # get_tracker(...).log, rank 0's
+    succeeded = [(step, pytest.approx(1.0 / (step + 1))) for step in range(STEPS)]
+    failed = succeeded[:FAIL_AT]
+    assert tensorboard_runs(folder, "train/loss") == {"e2e/version_0": succeeded, "e2e/version_1": failed}
+    assert tensorboard_runs(folder, "eval/accuracy") == {"e2e/version_0": [(STEPS, 0.5)]}  # get_tracker(...).log
 
     client = MlflowClient(tracker_env(folder)["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.params == {"lr": "0.1", "model/layers": "2", "rank": "0"}
-    history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert sorted((m.step, m.value) for m in history) == [(s, pytest.approx(1.0 / (s + 1))) for s in range(STEPS)]
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], order_by=["start_time ASC"])
+    assert [run.info.status for run in runs] == ["FINISHED", "FAILED"]
+    assert runs[0].data.params == {"lr": "0.1", "model/layers": "2", "rank": "0"}
+    for run, expected in zip(runs, (succeeded, failed)):
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert sorted((m.step, m.value) for m in history) == expected
 
 
 def test_a_failed_launch_leaves_a_failed_run_and_the_next_opens_a_fresh_one(tmp_path):
@@ -167,20 +183,28 @@ def test_a_failed_launch_leaves_a_failed_run_and_the_next_opens_a_fresh_one(tmp_
     assert len(client.get_metric_history(runs[1].info.run_id, "train/loss")) == STEPS
 
 
-def test_wandb_offline_and_trackio_through_a_launch(all_four):
-    from test_trackers_hub import wandb_records
+def test_each_launch_is_a_wandb_and_trackio_run_of_its_own(all_four):
+    from test_trackers_hub import offline_run
 
     folder, _ = all_four
-    expected = [pytest.approx(1.0 / (step + 1)) for step in range(STEPS)]
-    (path,) = glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))
-    losses = [json.loads(item.value_json) for record in wandb_records(path) if record.WhichOneof("record_type") == "history"
-              for item in record.history.item if (item.key or "/".join(item.nested_key)) == "train/loss"]
-    assert losses == expected
+    succeeded = [(step, pytest.approx(1.0 / (step + 1))) for step in range(STEPS)]
+    failed = succeeded[:FAIL_AT]
+    paths = glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))
+    runs = {}
+    for path in paths:  # the exit code tells the launches apart
+        history, _, exit_code = offline_run(path)
+        runs[exit_code] = [(step, row["train/loss"]) for step, row in history if "train/loss" in row]
+    assert len(paths) == 2 and runs == {0: succeeded, 1: failed}
+    # Two run ids (offline, one id would still be two files, that `wandb sync` uploads into one run).
+    assert len({os.path.basename(path) for path in paths}) == 2  # run-<id>.wandb
+
     read = subprocess.run([sys.executable, "-c", (  # trackio reads TRACKIO_DIR when imported
-        "from trackio.sqlite_storage import SQLiteStorage as S\n"
-        "print([r['train/loss'] for r in S.get_logs('e2e', S.get_runs('e2e')[0]) if 'train/loss' in r])")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **tracker_env(folder)})
-    assert json.loads(read.stdout.strip().splitlines()[-1]) == expected
+        "import json; from trackio.sqlite_storage import SQLiteStorage as S\n"
+        "print(json.dumps([[(r['step'], r['train/loss']) for r in S.get_logs('e2e', run) if 'train/loss' in r]\n"
+        "                  for run in S.get_runs('e2e')]))")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **tracker_env(folder)})
+    runs = [[tuple(point) for point in run] for run in json.loads(read.stdout.strip().splitlines()[-1])]
+    assert sorted(runs, key=len, reverse=True) == [succeeded, failed]
 
 
 def report_steps(steps: int) -> None:
@@ -192,10 +216,11 @@ def report_steps(steps: int) -> None:
 def test_launcher_log_with_writes_every_rank0_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # report mode writes TensorBoard files under ./runs
     launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorboard", project_name="reports")
-    assert scalars(tmp_path / "runs" / "reports", "loss") == [(s, pytest.approx(1.0 / (s + 1))) for s in range(STEPS)]
+    assert tensorboard_runs(tmp_path / "runs", "loss") == {
+        "reports/version_0": [(s, pytest.approx(1.0 / (s + 1))) for s in range(STEPS)]}
     launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorboard", project_name="here",
            logging_dir=str(tmp_path / "elsewhere"))
-    assert len(scalars(tmp_path / "elsewhere" / "here", "loss")) == STEPS
+    assert steps_of(tensorboard_runs(tmp_path / "elsewhere", "loss")) == {"here/version_0": list(range(STEPS))}
     with pytest.raises(LaunchConfigError, match="Unknown tracker 'tensorbord'"):
         launch(report_steps, args=(STEPS,), num_processes=2, display="none", log_with="tensorbord")
 
@@ -213,13 +238,5 @@ def fail_in_first_attempt(project_dir: str) -> None:
 
 def test_a_restart_is_a_fresh_run_beside_the_failed_one(tmp_path):
     launch(fail_in_first_attempt, args=(str(tmp_path),), num_processes=2, display="none", max_restarts=1)
-    assert [step for step, _ in scalars(tmp_path / "restarts", "loss")] == [0, 1, 2, 3, 4]
-    assert [step for step, _ in scalars(tmp_path / "restarts" / "attempt_1", "loss")] == list(range(STEPS))
-
-
-def scalars(logdir, tag: str) -> list:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(logdir))
-    events.Reload()
-    return [(event.step, pytest.approx(event.value)) for event in events.Scalars(tag)]
+    assert steps_of(tensorboard_runs(tmp_path, "loss")) == {"restarts/version_0": [0, 1, 2, 3, 4],
+                                                            "restarts/version_1": list(range(STEPS))}

@@ -1,6 +1,7 @@
 """notebooks/06-trackers.ipynb, executed top to bottom by nbclient in a real kernel, on CPU."""
 
 import ast
+import os
 
 from test_notebooks import assert_saved_notebook_is_static, cell, displays, error, execute, final_summary, text
 
@@ -18,9 +19,10 @@ def test_06_trackers(tmp_path):
     assert "in the notebook process, never in a worker" in returned["get_tracker(...).writer"]
 
     events = text(cell(nb, "events"))
+    assert "run: runs/regression/version_0" in events
     assert "train/loss: 40 steps, 0..39" in events and "'final/loss'" in events and "'epoch'" in events
     assert "hyperparameters recorded: True" in events
-    assert (tmp_path / "runs" / "regression").is_dir()
+    assert os.listdir(tmp_path / "runs" / "regression") == ["version_0"]  # one launch, one run
 
     assert "remaining: [30, 29, 28, 27, 26] ... 30 steps" in text(cell(nb, "report-mode"))
     assert_saved_notebook_is_static(nb, tmp_path)

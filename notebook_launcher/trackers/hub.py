@@ -9,13 +9,17 @@ more than `QUEUE_LIMIT` items behind, newly logged steps are dropped (counted, s
 close); opening, config and closing are never dropped. (TensorBoard costs this process
 about 60 us of CPU per step: a loop logging over ~15,000 steps a second outruns it.)
 
-Restarts: one tracker run per attempt. Make one hub per attempt (``attempt=`` its
-number) and close it in that attempt's teardown: the failed attempt's run is closed as
-failed, and the restarted function's ``init_trackers`` opens a fresh run (TensorBoard:
-``project/attempt_<n>``; MLflow: tagged ``notebook_launcher.attempt``). Continuing one run
-instead would mix two histories that both start at step 0 (wandb drops steps that go
-backwards). Likewise a second ``init_trackers`` in one attempt closes the first runs
-(as succeeded) and opens new ones, and ``end_training`` closes them early.
+Runs belong to one hub: make one per launch attempt, session call or ``%%dist`` cell
+(``attempt=`` the restart number) and close it in that call's teardown. Every run is
+new, also when the project name was used before: TensorBoard writes a folder of its
+own (``project/version_<n>``, the next free n), MLflow creates a run (tagged
+``notebook_launcher.attempt``), wandb a run with a new id (``reinit="create_new"``),
+trackio a run (its ``resume="never"``). So a failed attempt's run is closed as failed,
+and the restarted function's ``init_trackers`` opens a fresh one beside it. Continuing
+one run instead would mix two histories that both start at step 0 (TensorBoard shows
+both on one line, wandb drops steps that go backwards). Likewise a second
+``init_trackers`` in one call closes the first runs (as succeeded) and opens new ones,
+and ``end_training`` closes them early.
 
 A tracker that raises is reported once (stderr, or ``warn``) with what failed; the
 others go on, and so does the training. Steps: a value logged without a step gets the
