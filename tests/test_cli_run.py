@@ -150,7 +150,8 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_ctrl_c_stops_every_worker_within_2_seconds_and_exits_130(tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])   # spawn: multiprocess's helpers share the group
+def test_ctrl_c_stops_every_worker_within_2_seconds_and_exits_130(tmp_path, start_method):
     write(tmp_path / "sleeper.py", """
         import os, sys, time
         import torch.distributed as dist
@@ -161,9 +162,12 @@ def test_ctrl_c_stops_every_worker_within_2_seconds_and_exits_130(tmp_path):
             time.sleep(0.1)
     """)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
-    command = [sys.executable, "-m", "notebook_launcher", "run", "--cpu", "--num_processes", "2", "sleeper.py",
-               str(tmp_path)]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "notebook_launcher", "run", "--cpu", "--num_processes", "2", "--start_method",
+               start_method, "sleeper.py", str(tmp_path)]
+    # As from a shell: the command leads its own process group, the terminal's foreground
+    # group, and Ctrl-C sends SIGINT to that whole group (not to one PID).
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         pid_files = [tmp_path / "pid0", tmp_path / "pid1"]
         deadline = time.monotonic() + 90
@@ -171,20 +175,22 @@ def test_ctrl_c_stops_every_worker_within_2_seconds_and_exits_130(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "the workers never started"
             time.sleep(0.05)
         pids = [int(f.read_text()) for f in pid_files]
-        proc.send_signal(signal.SIGINT)
+        assert all(psutil.pid_exists(pid) for pid in pids)
+        os.killpg(proc.pid, signal.SIGINT)                  # Ctrl-C
         pressed = time.monotonic()
         while not all(_gone(pid) for pid in pids) and time.monotonic() - pressed < 5:
             time.sleep(0.01)
         stopped_after = time.monotonic() - pressed
         assert all(_gone(pid) for pid in pids), "a worker outlived Ctrl-C"
         assert stopped_after < 2.0, f"workers took {stopped_after:.2f} s to go"
-        _, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert f"(gloo, {start_method})" in stdout, stdout
 
 
 # ----------------------------------------------------------------- accelerate's config and Accelerator
