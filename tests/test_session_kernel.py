@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import textwrap
 import threading
@@ -11,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from kernel_harness import Kernel, pids_alive
+from kernel_harness import ExitWatch, Kernel, pids_alive, wait_pids_gone, wait_until_blocked
 
 STARTUP = textwrap.dedent("""
     import os, sys, time
@@ -33,6 +34,9 @@ def ok(kernel: Kernel, code: str, timeout: float = 60):
     result = kernel.run(textwrap.dedent(code), timeout=timeout)
     assert result.status == "ok", result.traceback + result.stderr
     return result
+
+
+SESSION = "get_ipython().find_magic('dist').__self__.session"
 
 
 def start(kernel: Kernel, extra: str = "") -> list:
@@ -113,30 +117,47 @@ def test_a_dead_or_stuck_rank_breaks_the_session_and_the_next_cell_restarts_it(k
 
 @pytest.mark.parametrize("blocked_in_c", [False, True])
 def test_interrupt_ends_the_cell_within_two_seconds(kernel, blocked_in_c):
-    start(kernel)
+    pids = start(kernel)
+    rank_pids = kernel.value(f"{SESSION}.pids")
     ok(kernel, "%%dist\nkept = 7")
-    pressed = []
+    # Each rank says where it is about to block; Interrupt is pressed once both said so
+    # and (blocked in C) both main threads are asleep there.
+    markers = ("RANK0_IN_BARRIER", "RANK1_SLEEPING") if blocked_in_c else ("RANK0_LOOPING", "RANK1_LOOPING")
+    body = ("import time\nif rank == 1:\n    print('RANK1_SLEEPING', flush=True)\n    time.sleep(60)\n"
+            "print('RANK0_IN_BARRIER', flush=True)\ndist.barrier()" if blocked_in_c
+            else "import time\nprint(f'RANK{rank}_LOOPING', flush=True)\nfor i in range(600):\n    time.sleep(0.1)")
+    said = threading.Event()
+    pressed, problems = [], []
 
-    def press():
-        time.sleep(1.5)
+    def press_when_there():
+        try:
+            assert said.wait(timeout=30), "the ranks never said they were there"
+            if blocked_in_c:
+                for pid in rank_pids.values():
+                    wait_until_blocked(pid)
+        except BaseException as exc:
+            problems.append(exc)
         pressed.append(time.monotonic())
         kernel.interrupt()
 
-    presser = threading.Thread(target=press)
-    presser.start()
-    body = ("import time\nif rank == 1:\n    time.sleep(60)\ndist.barrier()" if blocked_in_c
-            else "import time\nfor i in range(600):\n    time.sleep(0.1)")
-    result = kernel.run("%%dist\n" + body, timeout=60)
-    ended = time.monotonic()
-    presser.join()
-    assert result.ename == "KeyboardInterrupt"
-    assert ended - pressed[0] < 2.0
-    status = ok(kernel, "%dist status").stdout
-    if blocked_in_c:       # rank 0 waits in gloo's barrier, in C: it cannot be interrupted
-        assert status.startswith("broken") and "could not be interrupted" in status
-    else:                  # every rank left the loop: the session and its state live on
-        assert status.startswith("idle")
-        assert "Out[rank 1]: 7" in ok(kernel, "%%dist\nkept").stdout
+    with ExitWatch(pids) as watch:
+        presser = threading.Thread(target=press_when_there, daemon=True)
+        presser.start()
+        result = kernel.run("%%dist\n" + body, timeout=60,
+                            on_output=lambda partial: all(m in partial.stdout for m in markers) and said.set())
+        ended = time.monotonic()
+        presser.join(timeout=30)
+        assert not problems, f"{problems}: {result.text}"
+        assert result.ename == "KeyboardInterrupt"
+        assert ended - pressed[0] < 2.0
+        status = ok(kernel, "%dist status").stdout
+        if blocked_in_c:   # rank 0 waits in gloo's barrier, in C: it cannot be interrupted, so it is killed
+            assert status.startswith("broken") and "could not be interrupted" in status
+            assert watch.last_exit(timeout=5) - pressed[0] < 2.0, watch.exits   # every rank, by PID
+        else:              # every rank left the loop: the session, its ranks and their state live on
+            assert status.startswith("idle")
+            assert pids_alive(pids) == pids and watch.exits == {}
+            assert "Out[rank 1]: 7" in ok(kernel, "%%dist\nkept").stdout
 
 
 def test_bad_magic_arguments_are_usage_errors_and_keep_the_running_session(kernel):
@@ -168,14 +189,27 @@ def test_auto_mode_runs_every_cell_on_the_ranks_until_turned_off(kernel):
     assert here.ename == "NameError"                             # the notebook has no `rank`
 
 
-def test_an_idle_session_is_never_reported_stalled_but_a_running_cell_is(kernel):
-    start(kernel, "--stall-timeout 1")
-    ok(kernel, "time.sleep(3)")                                  # idle, longer than stall_timeout
-    quiet = ok(kernel, "%%dist\nprint('still fine')")
-    assert "no progress" not in quiet.text
-    stalled = ok(kernel, "%%dist\nimport time\nif rank == 1:\n    time.sleep(0.2)\ndist.barrier() if rank == 0 else time.sleep(3)\n"
-                         "dist.barrier() if rank == 1 else None", timeout=60)
-    assert "no progress for 1s (stall_timeout)" in stalled.text and "[rank0]" in stalled.stderr
+def test_an_idle_session_is_never_reported_stalled_but_a_running_cell_is(tmp_path):
+    """Idle for three stall_timeouts: nothing is said while idle (in the cell that waits,
+    nor in the kernel's own output), and the idle time does not count against the next
+    cell, a silent one shorter than stall_timeout."""
+    own_output = tmp_path / "kernel-output.log"
+    with Kernel(startup=STARTUP, own_output=str(own_output)) as kernel:
+        try:
+            start(kernel, "--stall-timeout 1")
+            ok(kernel, "%%dist\nx = 1")                  # a cell, then the session idles
+            idle = ok(kernel, "time.sleep(3)")
+            quiet = ok(kernel, "%%dist\nimport time\ntime.sleep(0.4)")
+            for cell in (idle, quiet):
+                assert "no progress" not in cell.text + cell.display_text, cell.text
+            stalled = ok(kernel, "%%dist\nimport time\nif rank == 1:\n    time.sleep(0.2)\n"
+                                 "dist.barrier() if rank == 0 else time.sleep(3)\ndist.barrier() if rank == 1 else None",
+                         timeout=60)
+            assert "no progress for 1s (stall_timeout)" in stalled.text and "[rank0]" in stalled.stderr
+        finally:
+            kernel.run("%dist stop")
+        assert kernel.wait_no_descendants() == [], "the session left processes behind"
+    assert "no progress" not in own_output.read_text()
 
 
 def test_report_in_a_cell_drives_its_dashboard(kernel):
@@ -227,3 +261,40 @@ def test_kernel_shutdown_or_death_takes_every_rank(end):
     while pids_alive(pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pids_alive(pids) == []
+
+
+@pytest.mark.parametrize("now", [True, False], ids=["now", "graceful"])
+def test_kernel_restart_takes_every_rank_and_the_next_launch_works(now):
+    """jupyter_client's restart (a notebook's restart button), with a session idle and a
+    one-shot launch running: every rank of both is gone (by PID) within 2 s of the old
+    kernel's exit, and a launch in the restarted kernel works."""
+    with Kernel(startup=STARTUP) as k:
+        ranks = start(k)
+        running = k.submit(textwrap.dedent("""
+            from notebook_launcher import notebook_launcher
+            def sleeper():
+                print("RANK_PID", os.getpid(), flush=True)
+                time.sleep(600)
+            notebook_launcher(sleeper, num_processes=2, device="cpu", display="none")
+        """))
+        printed = k.wait_for_output(running, r"RANK_PID \d+[\s\S]*RANK_PID \d+", timeout=60)
+        ranks += [int(pid) for pid in re.findall(r"RANK_PID (\d+)", printed)]
+        old_kernel = k.pid
+        try:
+            with ExitWatch([old_kernel, *ranks]) as watch:
+                try:
+                    k.restart(now=now)
+                except RuntimeError as exc:   # ranks that survive hold the kernel's ports: the new one dies
+                    assert wait_pids_gone(ranks, timeout=5) == [], f"ranks outlived the kernel; restart: {exc}"
+                    raise
+                watch.last_exit(timeout=10)
+                assert max(watch.exits[pid] for pid in ranks) - watch.exits[old_kernel] < 2.0, watch.exits
+        finally:
+            for pid in wait_pids_gone(ranks, timeout=0):   # a test reaps what it started, even failing
+                os.kill(pid, signal.SIGKILL)
+        assert k.pid != old_kernel
+        launched = ok(k, "from notebook_launcher import notebook_launcher\n"
+                         "print(notebook_launcher(lambda: dist.get_world_size() + 40, num_processes=2, "
+                         "device='cpu', display='none'))")
+        assert launched.stdout.strip() == "42"
+        assert k.wait_no_descendants() == []
