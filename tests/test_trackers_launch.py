@@ -70,7 +70,8 @@ def main(project_dir: str, log_with: list, launches: list) -> None:
 
 
 # Below pytest's own limit for a test (180 s, pyproject.toml), so that a hung launch fails with
-# its output rather than pytest's bare timeout. Two launches with all four trackers take about 30 s on a busy 2-core machine.
+# its output rather than pytest's bare timeout. Two launches with all four trackers take about
+# 30 s on a busy 2-core machine.
 FRESH_PYTHON_TIMEOUT = 120
 
 

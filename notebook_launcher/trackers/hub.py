@@ -130,6 +130,7 @@ class TrackerHub:
         self._next_step = 0
         self._errors: dict = {}           # tracker name -> errors after the first (reported) one
         self._unflushed = False
+        self._said_not_recorded = False
 
     # ------------------------------------------------------------- supervisor side (never blocks)
     def on_message(self, rank: int, message: Any) -> None:
@@ -239,11 +240,22 @@ class TrackerHub:
             if item.reported and self._report_init is not None:  # its numbers arrive as a report too
                 values = {k: v for k, v in values.items() if isinstance(v, str)}
         if not values or not self._runs:
+            self._say_not_recorded(item)
             return
         step = self._next_step if item.step is None else item.step
         self._next_step = step + 1
         for name, _run in self._selected(only):
             pending.setdefault(name, []).append((values, step, kwargs.get(name, {})))
+
+    def _say_not_recorded(self, item: Any) -> None:
+        """Once per call: values logged in a call that never opened a run (in a session, an
+        Accelerator whose init_trackers ran in an earlier cell, whose run ended with it)."""
+        if isinstance(item, TrackerLog) and not self._init_seen and self._report_init is None \
+                and not self._said_not_recorded:
+            self._said_not_recorded = True
+            self._warn("notebook_launcher: values logged without init_trackers in this call were not recorded: "
+                       "every session call or %%dist cell that calls init_trackers is a tracker run of its own, "
+                       "which ends with it. Call init_trackers in the call that logs.")
 
     def _write(self, pending: dict) -> None:
         for name, entries in pending.items():
