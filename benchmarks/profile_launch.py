@@ -2,6 +2,7 @@
 
     python benchmarks/profile_launch.py                 # 2 processes, fork, 15 launches
     python benchmarks/profile_launch.py -n 4 --start-method spawn --repeats 5
+    python benchmarks/profile_launch.py --parent-imports lightning.pytorch,accelerate   # a bigger parent
 
 It wraps the launcher's internal steps (by name; a step that no longer exists is
 skipped) with ``time.time()`` stamps. Forked workers inherit the wrappers; spawned ones
@@ -33,15 +34,22 @@ STEPS = [
     ("notebook_launcher.api", "make_view", "parent: make view", "parent"),
     ("notebook_launcher.launcher", "rendezvous.host_store", "parent: TCPStore server", "parent"),
     ("notebook_launcher.workers.processes", "WorkerPipes.open", "parent: open pipes (each)", "parent"),
+    ("notebook_launcher.workers.preload", "before_fork", "parent: preload decision", "parent"),
+    ("notebook_launcher.workers.noninteractive", "before_fork", "parent: modules holding Lightning's flag", "parent"),
     ("notebook_launcher.launcher", "start_workers", "parent: start all workers", "parent"),
     ("multiprocess.process", "BaseProcess.start", "parent: Process.start (each)", "parent"),
     ("os", "fork", "parent: os.fork syscall (each)", "parent"),
     ("notebook_launcher.monitor", "Supervisor.run", "parent: supervisor loop", "parent"),
     ("notebook_launcher.workers.bootstrap", "_isolate", "worker: isolate (setpgid, pdeathsig)", "worker"),
     ("notebook_launcher.workers.bootstrap", "_own_descriptors", "worker: own fds and streams", "worker"),
-    ("notebook_launcher.workers.bootstrap", "_watch_parent", "worker: watchdog thread", "worker"),
+    ("notebook_launcher.workers.bootstrap", "_reattach_log_handlers", "worker: reattach log handlers", "worker"),
+    ("notebook_launcher.workers.bootstrap", "_read_control", "worker: watchdog thread", "worker"),
+    ("notebook_launcher.workers.bootstrap", "register_dump_handler", "worker: stack dump handler", "worker"),
     ("notebook_launcher.workers.bootstrap", "_prepare", "worker: prepare (env, torch, group)", "worker"),
+    ("notebook_launcher.workers.noninteractive", "behave_as_a_script", "worker: behave as a script", "worker"),
     ("notebook_launcher.workers.bootstrap", "_init_process_group", "worker: init_process_group", "worker"),
+    ("notebook_launcher.integrations", "prepare_accelerate", "worker: prepare accelerate", "worker"),
+    ("notebook_launcher.workers.bootstrap", "_rank_namespace", "worker: rank namespace", "worker"),
     ("notebook_launcher.workers.bootstrap", "_run_task", "worker: run task (function, result)", "worker"),
     ("notebook_launcher.workers.bootstrap", "_finish_together", "worker: final barrier", "worker"),
     ("notebook_launcher.workers.bootstrap", "_send_result", "worker: send result", "worker"),
@@ -52,11 +60,12 @@ STEPS = [
     ("notebook_launcher.workers.bootstrap", "_flush_std_streams", "worker: final flush (-> _exit)", "worker"),
     ("notebook_launcher.monitor", "Supervisor._on_exit", "parent: sees a worker exit (each)", "parent"),
     ("notebook_launcher.workers.bootstrap", "_report_error", "worker: report its error", "worker"),
-    ("notebook_launcher.monitor", "Supervisor._record_failure", "parent: records a failure (each)", "parent"),
-    ("notebook_launcher.launcher", "_wait_for_exit", "parent: wait for the root rank's exit", "parent"),
+    ("notebook_launcher.monitor", "Supervisor._failure_seen", "parent: records a failure (each)", "parent"),
+    ("notebook_launcher.launcher", "_fill_exitcodes", "parent: wait for the root rank's exit", "parent"),
+    ("notebook_launcher.launcher", "collect", "parent: unpickle result", "parent"),
+    ("notebook_launcher.launcher", "teardown", "parent: teardown", "parent"),
+    ("notebook_launcher.launcher", "_wait_for_exits", "parent: wait for ranks to exit", "parent"),
     ("notebook_launcher.launcher", "stop_workers", "parent: stop/reap workers", "parent"),
-    ("notebook_launcher.launcher", "_collect", "parent: unpickle result", "parent"),
-    ("notebook_launcher.launcher", "_teardown", "parent: teardown", "parent"),
 ]
 
 
@@ -124,6 +133,38 @@ def _decide_when_all_exited() -> None:
     monitor.Supervisor._decided = decided
 
 
+def poll_exits_when_pipes_closed() -> None:
+    """Experiment for a proposed change in launcher.py: `_wait_for_exits` sleeps up to 50 ms
+    in a select() on no pipe at all once every rank's pipes have closed, although a rank
+    whose pipes closed is in its last microseconds. Here it polls every millisecond then
+    (as the os.fork floor's reaping does). The function is launcher's own, with that one change."""
+    import selectors
+
+    from notebook_launcher import launcher
+
+    def wait_for_exits(ranks, timeout: float) -> None:
+        view = launcher.View(ranks.config.line_prefix)
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            for io in ranks.io:
+                if io.handle.poll() is None:
+                    for what, fd in io.fds().items():
+                        if fd not in io.handle.closed:
+                            selector.register(fd, selectors.EVENT_READ, (io, what))
+            while any(h.poll() is None for h in ranks.handles) and time.monotonic() < deadline:
+                interval = 0.05 if selector.get_map() else 0.001   # the change
+                for key, _ in selector.select(min(interval, max(0.0, deadline - time.monotonic()))):
+                    launcher._show_last_words(selector, key, view)
+                for handle in ranks.handles:
+                    handle.process.join(timeout=0)
+        for handle in ranks.handles:
+            if handle.poll() is None:
+                print(f"notebook_launcher: rank {handle.rank} did not exit within {timeout:g}s: stopping it",
+                      file=sys.stderr)
+
+    launcher._wait_for_exits = _wrap("parent: wait for ranks to exit", wait_for_exits)
+
+
 def big_result(out_dir, megabytes=100):
     """The return workload: rank 0 returns a ``megabytes`` MB state_dict."""
     import time as _time
@@ -180,6 +221,15 @@ def one_launch(nproc: int, start_method: str, workload=trivial) -> dict:
     return steps
 
 
+def _import_all(names: str) -> None:
+    import importlib
+
+    import torch  # noqa: F401  (every launch's parent has it)
+
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        importlib.import_module(name)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--nproc", type=int, default=2)
@@ -195,10 +245,18 @@ def main(argv=None) -> int:
                         help="experiment: start the TCPStore server after forking (see fork_race.py)")
     parser.add_argument("--decide-early", action="store_true",
                         help="experiment: end the failure window once every rank has exited")
+    parser.add_argument("--poll-exits", action="store_true",
+                        help="experiment: once a rank's pipes closed, poll its exit every 1 ms, not 50 ms")
+    parser.add_argument("--parent-imports", default="",
+                        help="modules the launching process imports first, comma-separated (a bigger "
+                             "parent: e.g. lightning.pytorch,accelerate, as a notebook using them has)")
     args = parser.parse_args(argv)
+    _import_all(args.parent_imports)
     missing = instrument()
     if args.decide_early:
         _decide_when_all_exited()
+    if args.poll_exits:
+        poll_exits_when_pipes_closed()
     if args.store_after_fork:
         from benchmarks.fork_race import store_after_fork
 
@@ -219,7 +277,8 @@ def main(argv=None) -> int:
     order.insert(order.index("worker: report its error"), "worker: raises")
     order.insert(order.index("worker: final barrier"), "worker: returns")
     print(f"notebook_launcher launch profile: {args.nproc} processes, {args.start_method}, "
-          f"median of {args.repeats} launches; ms from the call (first start / last end over ranks)")
+          f"median of {args.repeats} launches; ms from the call (first start / last end over ranks); "
+          f"parent: {len(sys.modules)} modules imported")
     print(f"{'step':42s} {'start':>8s} {'end':>8s} {'dur/each':>9s}")
     for label in ["call (total)", *order]:
         starts, ends, durations = [], [], []

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import preload
+from . import noninteractive, preload
 from .bootstrap import InheritedFds, WorkerSpec, worker_main
 
 _F_SETPIPE_SZ = 1031  # Linux: a bigger events pipe means fewer wake-ups for big results
@@ -187,6 +187,7 @@ def _start_all(context, pipes: list, make_spec) -> list[WorkerHandle]:
             spec = make_spec(index, pipe.child, tuple(fd for fd in every_fd if fd not in keep))
             if index == 0:
                 preload.before_fork(spec.first_task)  # what forked workers would each import: once, here
+                noninteractive.before_fork()  # what each would look up in every module: once, here
             process = context.Process(target=worker_main, args=(spec,), name=f"notebook_launcher-rank{spec.rank}")
             process.start()
             _own_group(process.pid)
@@ -199,6 +200,7 @@ def _start_all(context, pipes: list, make_spec) -> list[WorkerHandle]:
                 release(fd)
         raise
     finally:
+        noninteractive.after_fork()
         for pipe in pipes:
             _close_quietly(pipe.child_fds())
     return handles
