@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_MACHINERY = ("<frozen runpy", "<frozen importlib", "<string>")  # runpy/importlib internals; exec'd glue
+_MACHINERY = ("<frozen runpy", "<frozen importlib")  # runpy and importlib internals
 _MACHINERY_FILES = ("runpy.py", "threading.py")
 _MACHINERY_PACKAGES = (f"{os.sep}multiprocess{os.sep}", f"{os.sep}multiprocessing{os.sep}")
 
