@@ -1,7 +1,10 @@
 """Other people's training code, unchanged, inside our workers: Lightning Fabric and
 Trainer, HF transformers' Trainer, torch.compile. Each runs from a real Jupyter kernel on
 2 CPU ranks and checks the world size and a result that only real data parallel training
-gives: ranks fed different data end with identical weights.
+gives: ranks fed different data end with identical weights. Where the trainer shards one
+dataset itself (Lightning's Trainer and HF's install a distributed sampler), each rank
+records the samples it trained on and the test checks they differ: ranks trained on the
+same samples would end with identical weights without any gradient sync.
 
 Tiny models built from code or configs: nothing is downloaded.
 """
@@ -63,9 +66,11 @@ LIGHTNING_CODE = textwrap.dedent("""
         def __init__(self):
             super().__init__()
             self.layer = torch.nn.Linear(4, 1)
+            self.seen = []                            # the sample numbers this rank trained on
 
         def training_step(self, batch, batch_idx):
-            (x,) = batch
+            index, x = batch
+            self.seen += index.tolist()
             return self.layer(x).pow(2).mean()
 
         def configure_optimizers(self):
@@ -78,12 +83,14 @@ LIGHTNING_CODE = textwrap.dedent("""
         torch.manual_seed(0)
         model = TinyModule()
         before = weights_digest(model)
-        data = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=8)   # Lightning shards it per rank
+        # the same 64 numbered samples on every rank: Lightning's own DistributedSampler shards them
+        data = DataLoader(TensorDataset(torch.arange(64), torch.randn(64, 4)), batch_size=8)
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
                              enable_checkpointing=False)
         trainer.fit(model, data)
         return {"world": trainer.world_size, "rank": trainer.global_rank, "steps": trainer.global_step,
-                "same_group": default_group_id() == ours, "before": before, "after": weights_digest(model)}
+                "same_group": default_group_id() == ours, "before": before, "after": weights_digest(model),
+                "seen": model.seen}
 """)
 
 
@@ -120,6 +127,13 @@ def rank_results(result) -> list:
     return ast.literal_eval(line[len("RESULTS "):])
 
 
+def assert_fed_different_samples(ranks: list, at_least: int) -> None:
+    """Each rank trained on at least ``at_least`` samples, and no sample on both ranks."""
+    seen = [set(r["seen"]) for r in ranks]
+    assert all(len(s) >= at_least for s in seen), seen
+    assert not seen[0] & seen[1], f"both ranks trained on {sorted(seen[0] & seen[1])}: same data, no proof of DDP"
+
+
 def assert_trained_together(ranks: list) -> None:
     """World size 2, both ranks changed their weights and ended with the same ones."""
     assert [r["world"] for r in ranks] == [2, 2], ranks
@@ -142,6 +156,7 @@ def test_lightning_fabric_when_the_notebook_imported_lightning_first(lightning_k
 
 def test_lightning_trainer_ddp(lightning_kernel):
     ranks = results(lightning_kernel, "on_every_rank(lightning_trainer)")
+    assert_fed_different_samples(ranks, at_least=3 * 8)   # 3 steps of 8
     assert_trained_together(ranks)
     assert [r["steps"] for r in ranks] == [3, 3]
     assert all(r["same_group"] for r in ranks), "Lightning replaced the process group we had set up"
@@ -167,24 +182,34 @@ def test_hf_transformers_trainer(kernel):
         from transformers import Trainer       # imported in the notebook first, as people do: this
                                                # chooses its progress display, an HTML table, here
         def hf_trainer(output_dir):
-            from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+            from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments,
+                                      default_data_collator)
 
             torch.manual_seed(0)
             model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                                bos_token_id=0, eos_token_id=0))
             before = weights_digest(model)
             tokens = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(1))
-            data = [{"input_ids": ids, "labels": ids} for ids in tokens]    # the Trainer shards it per rank
+            # the same 32 numbered samples on every rank: the Trainer shards them per rank
+            data = [{"input_ids": ids, "labels": ids, "number": n} for n, ids in enumerate(tokens)]
+            seen = []
+
+            def collate(samples):   # notes which samples this rank batched, and hides the numbers
+                seen.extend(sample["number"] for sample in samples)
+                return default_data_collator([{k: v for k, v in s.items() if k != "number"} for s in samples])
+
             args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=4, max_steps=3,
-                                     learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no")
-            trainer = Trainer(model=model, args=args, train_dataset=data)
+                                     learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+                                     remove_unused_columns=False)   # "number" reaches our collator
+            trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
             steps = trainer.train().global_step
             return {"world": trainer.args.world_size, "rank": trainer.args.process_index, "steps": steps,
-                    "before": before, "after": weights_digest(model)}
+                    "before": before, "after": weights_digest(model), "seen": seen}
         with tempfile.TemporaryDirectory() as output_dir:
             on_every_rank(hf_trainer, output_dir)
     """)
     ranks = rank_results(result)
+    assert_fed_different_samples(ranks, at_least=3 * 4)   # 3 steps of 4 (it may batch one more ahead)
     assert_trained_together(ranks)
     assert [r["steps"] for r in ranks] == [3, 3]
     # rank 0's progress as a script shows it; the notebook's HTML table could only print
