@@ -92,7 +92,8 @@ def _scalars(logdir: str, tag: str) -> int:
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(logdir, size_guidance={"scalars": 0})  # 0: keep every event
+    # Each run is a version_<n> folder; the project folder is removed after every round.
+    events = EventAccumulator(os.path.join(logdir, "version_0"), size_guidance={"scalars": 0})  # 0: keep every event
     events.Reload()
     count = len(events.Scalars(tag))
     shutil.rmtree(logdir)  # the next round starts from an empty run
