@@ -32,11 +32,9 @@ from typing import Any, Optional
 
 from .. import channel as ch
 from ..serialization import dumps_result, loads_task
-from . import context
+from . import context, heartbeat
 from .frames import user_traceback
 from .stacks import register_dump_handler
-
-HEARTBEAT_INTERVAL = 1.0  # seconds between looks at the main thread's stack
 
 PR_SET_PDEATHSIG = 1
 
@@ -229,32 +227,6 @@ def _read_control(control_fd: int) -> "queue.SimpleQueue":
     return requests
 
 
-def _start_heartbeat(channel: ch.WorkerChannel) -> None:
-    """Beat while the main thread's Python stack moves; a rank blocked in one call (a
-    collective that a peer never joins) goes quiet, which is what stall detection sees."""
-    main = threading.main_thread().ident
-
-    def beat() -> None:
-        last = None
-        while True:
-            time.sleep(HEARTBEAT_INTERVAL)
-            frame = sys._current_frames().get(main)
-            where = _stack_signature(frame)
-            if where != last:
-                channel.post(ch.Heartbeat(time.monotonic()))
-                last = where
-
-    threading.Thread(target=beat, name="notebook_launcher-heartbeat", daemon=True).start()
-
-
-def _stack_signature(frame) -> tuple:
-    signature = []
-    while frame is not None:
-        signature.append((id(frame), frame.f_lasti))
-        frame = frame.f_back
-    return tuple(signature)
-
-
 def _flush_std_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -269,7 +241,7 @@ def _serve(spec: WorkerSpec, channel: ch.WorkerChannel, requests) -> int:
     try:
         _prepare(spec, channel)
         channel.send(ch.RankReady(os.getpid(), spec.backend, spec.device))
-        _start_heartbeat(channel)
+        heartbeat.start(channel.post)
     except BaseException as exc:
         _report_error(channel, exc)
         return 1
