@@ -163,15 +163,28 @@ def test_only_the_main_process_writes(tmp_path):
         assert all(torch.equal(result["loaded"][k], expected[k]) for k in expected)
 
 
+def set_mtime(path: str, seconds: float) -> None:
+    """Give a save's file an exact modification time: two saves within the filesystem's
+    timestamp resolution (a second on some) would otherwise tie."""
+    os.utime(path, (seconds, seconds))
+
+
 def test_the_newest_save_is_loaded_when_two_formats_share_a_folder(tmp_path):
+    """The loader picks the save whose file (index or single file) was modified last; the
+    mtimes are set by hand, one second apart, in both orders."""
     from notebook_launcher.accelerator import weights
 
     model = nn.Linear(64, 64)
     first = weights.write(model.state_dict(), str(tmp_path), max_shard_size="10KB", safe=True)
     assert first.endswith("model.safetensors.index.json")            # sharded safetensors, left in place
     zeros = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
-    time.sleep(0.01)
     second = weights.write(zeros, str(tmp_path), safe=False)         # then a .bin save into the same folder
     assert weights.target(zeros, str(tmp_path), safe=False) == second   # what the other ranks report
+    now = time.time()
+    set_mtime(first, now - 1)
+    set_mtime(second, now)
     loaded = load_weights(str(tmp_path))
     assert all(torch.equal(loaded[name], zeros[name]) for name in zeros)
+    set_mtime(first, now + 1)                                        # the safetensors save is the newer one now
+    loaded = load_weights(str(tmp_path))
+    assert all(torch.equal(loaded[name], value) for name, value in model.state_dict().items())

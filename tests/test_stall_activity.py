@@ -21,16 +21,6 @@ from notebook_launcher import WorkerError, notebook_launcher
 STALL = 1.5                # seconds: the stall_timeout of every launch here
 BUSY = 4 * STALL + 1.0     # how long the busy ranks keep busy: several whole stall windows
 
-# The heartbeat (workers/bootstrap.py) samples the main thread's stack once a second, but
-# another thread can only see it where the main thread lets the GIL go: in a loop that is
-# always the same instruction (its backward jump, or the call that releases the GIL), so a
-# computing rank's stack looks frozen. Nothing else that a computing rank does counts.
-COMPUTING_LOOKS_STUCK = pytest.mark.xfail(strict=True, reason=(
-    "bug: a rank computing in a loop is reported stalled; the stack signature of "
-    "workers/bootstrap.py _start_heartbeat never moves there. Fix: count main-thread CPU time as a "
-    "sign of life (monitor.Supervisor._check_stalls, with monitor._cpu_ticks)"))
-
-
 def launch(function, *args):
     """Two CPU ranks, a short stall_timeout, and a stall raises; every rank's value."""
     return notebook_launcher(function, args=args, num_processes=2, device="cpu", display="none",
@@ -49,7 +39,9 @@ def prints_without_reporting(seconds: float) -> int:
 
 
 def python_loop(seconds: float) -> int:
-    """Pure Python arithmetic, no call in the inner loop, no output, no report."""
+    """Pure Python arithmetic, no call in the inner loop, no output, no report. Its stack
+    sits on one instruction whenever another thread can look (where it lets the GIL go):
+    only its CPU time, spent holding the GIL, shows it works."""
     total, end = 0, time.monotonic() + seconds
     while time.monotonic() < end:
         for i in range(100_000):
@@ -58,7 +50,8 @@ def python_loop(seconds: float) -> int:
 
 
 def loop_over_one_c_call(seconds: float) -> int:
-    """A loop whose time is all in one torch call (the GIL released inside it)."""
+    """A loop whose time is all in one torch call, the GIL released inside it (CPU time
+    alone would not tell it from a rank spinning in C): its stack moves between calls."""
     a, steps, end = torch.randn(400, 400), 0, time.monotonic() + seconds
     while time.monotonic() < end:
         a = torch.tanh(a @ a)
