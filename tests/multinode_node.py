@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from notebook_launcher import WorkerError, notebook_launcher
+from notebook_launcher import LaunchConfigError, WorkerError, notebook_launcher
 
 
 def where_am_i():
@@ -25,3 +25,5 @@ if __name__ == "__main__":
         print("RESULT", json.dumps(values), flush=True)
     except WorkerError as err:
         print("ERROR", str(err).splitlines()[0], flush=True)
+    except LaunchConfigError as err:   # e.g. the port was taken meanwhile: the test tries another
+        print("CONFIG", err, flush=True)
