@@ -240,6 +240,8 @@ def test_dataloader_workers_die_with_a_failing_rank(kernel, failure, message):
                                   persistent_workers=True,
                                   worker_init_fn=lambda _: print("LOADER_PID", os.getpid(), flush=True))
                 for i, _ in enumerate(data):
+                    if i == 2:   # each rank had a batch from each of its loader workers: all 4 said their PID
+                        dist.barrier()
                     if i == 3 and dist.get_rank() == 1:
                         print("FAILING_AT", time.monotonic(), flush=True)
                         {failure}
