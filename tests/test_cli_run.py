@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -242,3 +244,187 @@ def test_a_config_from_hf_write_basic_config_is_honoured_and_flags_override_it(t
     records = rank_records(out.stdout)
     assert sorted(records) == [0, 1], out.stdout          # the flag, over the file's num_processes
     assert all(r["mixed_precision"] == "fp16" for r in records.values())   # from HF's file
+
+
+# ----------------------------------------------------------------- accelerate launch's flags, each with its meaning
+def test_the_mixed_precision_flag_reaches_the_workers_over_the_file(tmp_path):
+    from accelerate.utils import write_basic_config
+
+    write_basic_config(mixed_precision="fp16", save_location=str(tmp_path / "hf_home" / "accelerate" /
+                                                                 "default_config.yaml"))
+    script = write(tmp_path / "accelerate_script.py", ACCELERATE_SCRIPT)
+    out = run_cli("run", "--cpu", "--num_processes", "2", "--mixed_precision", "bf16", str(script), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    records = rank_records(out.stdout)
+    assert sorted(records) == [0, 1], out.stdout
+    assert all(r["mixed_precision"] == "bf16" for r in records.values())   # the flag, not the file's fp16
+    assert "(gloo, fork, bf16)" in out.stdout                              # and the banner says so
+
+
+RESTARTS_SCRIPT = """
+    import json, os, sys
+    import torch.distributed as dist
+
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    if attempt == 0 and dist.get_rank() == 1:
+        sys.exit(3)                        # the first attempt fails
+    dist.barrier()
+    print("RECORD " + json.dumps({"rank": dist.get_rank(), "attempt": attempt,
+                                  "max_restarts": os.environ["TORCHELASTIC_MAX_RESTARTS"]}))
+"""
+
+
+def test_max_restarts_starts_every_worker_again_after_a_failure(tmp_path):
+    script = write(tmp_path / "flaky.py", RESTARTS_SCRIPT)
+    out = run_cli("run", "--cpu", "--num_processes", "2", "--max_restarts", "1", str(script), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "restart 1 of 1" in out.stderr, out.stderr
+    records = rank_records(out.stdout)
+    assert sorted(records) == [0, 1] and all(r == {"rank": r["rank"], "attempt": 1, "max_restarts": "1"}
+                                             for r in records.values()), out.stdout
+    # without the flag the first failure is the end
+    once = run_cli("run", "--cpu", "--num_processes", "2", str(script), cwd=tmp_path)
+    assert once.returncode == 3 and "restart 1 of" not in once.stderr, once.stdout + once.stderr
+
+
+def test_a_rank_that_raises_gives_exit_status_1_and_its_traceback(tmp_path):
+    script = write(tmp_path / "raises.py", """
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1:
+            raise ValueError("bad batch on rank 1")
+        dist.barrier()
+    """)
+    out = run_cli("run", "--cpu", "--num_processes", "2", str(script), cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "rank 1 failed: ValueError: bad batch on rank 1" in out.stderr, out.stderr
+    assert f'File "{script}", line 5, in <module>' in out.stderr and "rank 0 failed" not in out.stderr
+
+
+MACHINE_SCRIPT = """
+    import json, os
+    import torch, torch.distributed as dist
+
+    total = torch.ones(1) * dist.get_rank()
+    dist.all_reduce(total)                 # over both "machines"
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    print("RECORD " + json.dumps({"rank": dist.get_rank(), "total": total.item(),
+                                  "env": {key: os.environ[key] for key in keys}}))
+"""
+
+
+def start_machine(tmp_path, machine_rank: int, port: int) -> subprocess.Popen:
+    """One machine of two, as `accelerate launch` is run on each: 4 processes in all.
+    127.0.0.2 is this host too (all of 127/8 is loopback), and not the default address."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
+    command = [sys.executable, "-m", "notebook_launcher", "run", "--cpu", "--num_processes", "4",
+               "--num_machines", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.2",
+               "--main_process_port", str(port), "machine.py"]
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple:
+    """(exit status, stdout, stderr); the process is killed if it outlives ``timeout``."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def test_the_multi_machine_flags_make_one_job_over_two_launches(tmp_path):
+    write(tmp_path / "machine.py", MACHINE_SCRIPT)
+    for _ in range(3):   # the port must be fixed: another one when a stranger took it first
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        first = start_machine(tmp_path, 0, port)
+        time.sleep(0.5)
+        second = start_machine(tmp_path, 1, port)
+        (code0, out0, err0), (code1, out1, err1) = finish(first), finish(second)
+        if f"main_process_port={port}" not in err0 and f"use_port={port} is not available" not in err0:
+            break
+    assert code0 == 0 and code1 == 0, err0 + err1
+    records = {**rank_records(out0), **rank_records(out1)}
+    assert sorted(rank_records(out0)) == [0, 1] and sorted(rank_records(out1)) == [2, 3], out0 + out1
+    for rank, record in records.items():
+        assert record["total"] == 6.0                     # 0 + 1 + 2 + 3: one job
+        assert record["env"] == {"RANK": str(rank), "LOCAL_RANK": str(rank % 2), "WORLD_SIZE": "4",
+                                 "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": str(rank // 2),
+                                 "MASTER_ADDR": "127.0.0.2", "MASTER_PORT": str(port)}
+    assert "2 CPU processes on node 1 of 2" in out1
+
+
+STALL_SCRIPT = """
+    import sys, time
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        time.sleep(float(sys.argv[1]))     # quiet: no output, no report, no CPU
+"""
+
+
+def test_stall_timeout_and_on_stall_raise_stop_a_quiet_rank(tmp_path):
+    script = write(tmp_path / "quiet.py", STALL_SCRIPT)
+    started = time.monotonic()
+    out = run_cli("run", "--cpu", "--num_processes", "2", "--stall_timeout", "1.5", "--on_stall", "raise",
+                  str(script), "60", cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "rank 1 failed: no progress for 1.5s (stall_timeout)" in out.stderr, out.stderr
+    assert time.monotonic() - started < 45                 # not the script's 60 s
+
+
+def test_stall_timeout_warns_by_default_and_0_turns_it_off(tmp_path):
+    script = write(tmp_path / "quiet.py", STALL_SCRIPT)
+    warned = run_cli("run", "--cpu", "--num_processes", "2", "--stall_timeout", "1.5", str(script), "4",
+                     cwd=tmp_path)
+    assert warned.returncode == 0, warned.stdout + warned.stderr       # on_stall=warn: the run goes on
+    assert "no progress for 1.5s (stall_timeout)" in warned.stdout + warned.stderr
+    off = run_cli("run", "--cpu", "--num_processes", "2", "--stall_timeout", "0", "--on_stall", "raise",
+                  str(script), "4", cwd=tmp_path)
+    assert off.returncode == 0, off.stdout + off.stderr                # 0 is "never", not "at once"
+    assert "no progress" not in off.stdout + off.stderr
+
+
+def test_stall_timeout_0_is_no_stall_detection_at_all():
+    """What the launch is given (0 would be refused by notebook_launcher; 300 would only
+    be slower): None, which turns the stall watch off."""
+    from notebook_launcher import cli
+
+    def options(*flags):
+        args, _ = cli._parser().parse_known_args(["run", *flags, "train.py"])
+        return cli._launcher_options(args)
+
+    assert options("--stall_timeout", "0")["stall_timeout"] is None
+    given = options("--stall-timeout", "2.5", "--on_stall", "raise")
+    assert (given["stall_timeout"], given["on_stall"]) == (2.5, "raise")
+    assert "stall_timeout" not in options()                       # notebook_launcher's default (300 s) applies
+
+
+GPU_SCRIPT = """
+    import json, os
+    import torch, torch.distributed as dist
+
+    print("RECORD " + json.dumps({"rank": dist.get_rank(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                  "cuda": torch.cuda.is_available(), "backend": dist.get_backend()}))
+"""
+NO_GPU_HERE = not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi"))
+
+
+@pytest.mark.skipif(not NO_GPU_HERE, reason="what --gpu_ids does where there are no GPUs (it picks GPUs where there are)")
+def test_gpu_ids_on_a_machine_without_gpus(tmp_path):
+    script = write(tmp_path / "gpus.py", GPU_SCRIPT)
+    # As accelerate launch does: CUDA_VISIBLE_DEVICES for the workers; with no GPU there the
+    # launch says it runs CPU processes, and runs them.
+    out = run_cli("run", "--num_processes", "2", "--gpu_ids", "0,1", str(script), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Launching on 2 CPU processes (gloo, fork)" in out.stdout
+    records = rank_records(out.stdout)
+    assert sorted(records) == [0, 1] and all(r["visible"] == "0,1" and r["backend"] == "gloo" and not r["cuda"]
+                                             for r in records.values()), out.stdout
+    # asking for GPU workers on those ids is refused before anything starts, saying why
+    refused = run_cli("run", "--multi_gpu", "--gpu_ids", "0", str(script), cwd=tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "no CUDA GPU is visible" in refused.stderr and "RECORD" not in refused.stdout
