@@ -49,10 +49,10 @@ def start_node(node_rank: int, num_nodes: int, port: int, timeout: int, backend:
 def finish(proc: subprocess.Popen, timeout: float = 90) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        out += f"\n(killed after {timeout} s)"
     return out
 
 
@@ -61,7 +61,8 @@ def test_two_nodes_form_one_job_with_global_ranks():
         node0 = start_node(0, 2, port, 60)
         time.sleep(0.5)
         node1 = start_node(1, 2, port, 60)
-        return finish(node0), finish(node1)
+        out0 = finish(node0)
+        return out0, finish(node1, timeout=1 if taken(out0, port) else 90)   # node 1 cannot join a stranger
 
     out0, out1 = with_a_port(job)
     r0 = json.loads(out0.split("RESULT ", 1)[1].splitlines()[0])
