@@ -15,14 +15,23 @@ and, as the reference, ``os.fork`` and ours from a host that imported only torch
 Lightning column there: importing it would make that parent the bigger one). Every
 host is a plain Python process and, with ``--where kernel``, a real Jupyter kernel.
 
+With ``--poll-exits``, one more column, ``ours, exits polled``: ours with the change to
+``launcher._wait_for_exits`` that `profile_launch.poll_exits_when_pipes_closed` proposes
+(poll a rank's exit every 1 ms once its pipes have closed, not every 50 ms), swapped in
+for that call only.
+
 Times are seconds from just before the call (`launch_latency.measure`): "whole call" to
 its return, "all ranks in fn" to the last rank inside the function with its process
-group ready. Every case runs once per round, shuffled; warm-up rounds are not counted;
-medians and ratios of medians. Target (issue 18): in the bigger parent, ours' whole
-call at most 1.2x the floor's and below Lightning's.
+group ready. "rank 0 page faults": the minor page faults rank 0 took from its fork to
+inside the function (a launch of its own, `rank_faults`), which the machine's load does
+not change: what a rank's setup writes in the parent's memory, each page copied.
+Every case runs once per round, shuffled; warm-up rounds are not counted; medians and
+ratios of medians. Target (issue 18): in the bigger parent, ours' whole call at most
+1.2x the floor's and below Lightning's.
 
-    python benchmarks/big_parent.py                         # 20 samples, 2 warm-up rounds, plain and kernel
+    python benchmarks/big_parent.py                   # 20 samples, 2 warm-up rounds, plain and kernel
     python benchmarks/big_parent.py --samples 32 --where plain -v
+    python benchmarks/big_parent.py --poll-exits      # and the proposed change to launcher.py
 """
 
 from __future__ import annotations
@@ -51,15 +60,65 @@ PARENTS = {
 # parent -> the contenders launched from it (our column is ours-fork)
 CONTENDERS = {"torch": ("os.fork", "ours-fork"), "+lightning+accelerate": ("os.fork", "lightning", "ours-fork")}
 COLUMNS = ("os.fork", "lightning", "ours-fork")
+POLLED = "ours, exits polled"   # the --poll-exits experiment
 TARGET_VS_FLOOR = 1.2   # issue 18: ours' whole call in the bigger parent, at most this times the floor's
-METRICS = (("call", "whole call"), ("ready", "all ranks in fn"))
+METRICS = (("call", "whole call"), ("ready", "all ranks in fn"), ("faults", "rank 0 page faults"))
 
 
 def setup_code(parent: str) -> str:
     """A host's first cell: the benchmark's functions (as in every host), the parent's
     imports, our launcher; prints how many modules the parent holds."""
     return "\n".join([cases.setup_code(), PARENTS[parent], "from notebook_launcher import notebook_launcher",
-                      "_bench_emit({'modules': len(_sys.modules)})"])
+                      "from benchmarks import big_parent as _b_big", "_bench_emit({'modules': len(_sys.modules)})"])
+
+
+def measure_polling_exits(fn, nproc: int) -> dict:
+    """Runs in a host: `launch_latency.measure` of ours with the proposed `_wait_for_exits`
+    (see the module docstring), put back after the call."""
+    from notebook_launcher import launcher
+
+    from . import launch_latency, profile_launch
+
+    original = launcher._wait_for_exits
+    profile_launch.poll_exits_when_pipes_closed()
+    try:
+        return launch_latency.measure("ours-fork", fn, nproc)
+    finally:
+        launcher._wait_for_exits = original
+
+
+def rank_faults(out_dir, init):
+    """The workload of the "page faults" measure: the minor page faults this rank took from
+    its fork to here, inside the function with the process group ready. Forked from a big
+    parent, a rank's setup pays a fault for every page it writes (copy-on-write): a count
+    that the machine's load does not change."""
+    import resource
+
+    import torch.distributed as dist
+
+    if init:
+        dist.init_process_group("gloo")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    dist.barrier()
+    return faults
+
+
+def measure_faults(name: str, nproc: int) -> dict:
+    """Runs in a host: rank 0's page faults before the function, with contender ``name``."""
+    from . import contenders
+    from ._timing import scratch, settle
+
+    settle()
+    with scratch() as out_dir:
+        return {"faults": contenders.launch(name, rank_faults, out_dir, (), nproc)}
+
+
+def _code(name: str, kind: str) -> str:
+    if kind == "faults":
+        return f"_bench_emit(_b_big.measure_faults({name!r}, {NPROC}))"
+    if name == POLLED:
+        return f"_bench_emit(_b_big.measure_polling_exits(trivial, {NPROC}))"
+    return f"_bench_emit(_b_launch.measure({name!r}, trivial, {NPROC}))"
 
 
 def start_hosts(wheres: list, timeout: float) -> tuple:
@@ -103,17 +162,20 @@ def close_hosts(hosts: dict) -> None:
             print(f"closing {runner.name}: {exc}", file=sys.stderr)
 
 
-def run(hosts: dict, samples: int, warmup: int, seed: int, timeout: float, verbose: bool) -> dict:
-    """{(where, parent, contender): [{"call": s, "ready": s} or {"error": text}, ...]}."""
-    order = [(where, parent, name) for (where, parent) in hosts for name in CONTENDERS[parent]]
+def run(hosts: dict, samples: int, warmup: int, seed: int, timeout: float, verbose: bool,
+        poll_exits: bool = False) -> dict:
+    """{(where, parent, contender): [{"call": s, "ready": s}, {"faults": n} or {"error": text}, ...]}:
+    per round, a timed launch of each contender and one more that counts its page faults."""
+    extra = (POLLED,) if poll_exits else ()
+    order = [(where, parent, name, "time") for (where, parent) in hosts for name in (*CONTENDERS[parent], *extra)]
+    order += [(where, parent, name, "faults") for (where, parent) in hosts for name in CONTENDERS[parent]]
     rng = random.Random(seed)
     results: dict = {}
     for index in range(warmup + samples):
         rng.shuffle(order)
-        for where, parent, name in order:
-            code = f"_bench_emit(_b_launch.measure({name!r}, trivial, {NPROC}))"
+        for where, parent, name, kind in order:
             try:
-                output = hosts[(where, parent)].execute(code, timeout=timeout)
+                output = hosts[(where, parent)].execute(_code(name, kind), timeout=timeout)
                 if not output.ok:
                     raise RuntimeError(output.error.strip().splitlines()[-1] if output.error.strip() else "failed")
                 sample = cases.parse(output.stdout)
@@ -123,7 +185,7 @@ def run(hosts: dict, samples: int, warmup: int, seed: int, timeout: float, verbo
                 results.setdefault((where, parent, name), []).append(sample)
             if verbose:
                 what = "warm-up" if index < warmup else f"round {index - warmup + 1}"
-                print(f"  {what}: {where:6} {parent:22} {name:10} {sample}", file=sys.stderr, flush=True)
+                print(f"  {what}: {where:6} {parent:22} {name:10} {kind:6} {sample}", file=sys.stderr, flush=True)
     return results
 
 
@@ -132,25 +194,29 @@ def median(results: dict, key: tuple, metric: str):
     return statistics.median(values) if values else None
 
 
-def render(results: dict, modules: dict, wheres: list) -> tuple:
+def render(results: dict, modules: dict, wheres: list, poll_exits: bool = False) -> tuple:
     """(table lines, [(target name, verdict)])."""
-    header = ["where", "parent", "modules", "measure", *COLUMNS, "ours/floor", "ours/lightning", "target"]
+    extra = (POLLED,) if poll_exits else ()
+    header = ["where", "parent", "modules", "measure", *COLUMNS, *extra, "ours/floor", "ours/lightning",
+              *(["polled/floor"] if poll_exits else []), "target"]
     rows, targets = [], []
     for where in wheres:
         for parent in PARENTS:
             if (where, parent) not in modules:
                 continue
             for metric, label in METRICS:
-                value = {name: median(results, (where, parent, name), metric) for name in COLUMNS}
+                value = {name: median(results, (where, parent, name), metric) for name in (*COLUMNS, *extra)}
                 floor = table._ratio(value["ours-fork"], value["os.fork"])
                 peer = table._ratio(value["ours-fork"], value["lightning"])
                 verdict = ""
                 if metric == "call" and parent != "torch":
                     verdict = _verdict(floor, peer)
                     targets.append((f"{where}, {parent}", verdict))
+                polled = [table._x(table._ratio(value[POLLED], value["os.fork"]))] if poll_exits else []
+                number = (lambda v: "-" if v is None else f"{v:.0f}") if metric == "faults" else table._num
                 rows.append([where, parent, str(modules[(where, parent)]), label,
-                             *[table._num(value[name]) for name in COLUMNS], table._x(floor), table._x(peer),
-                             verdict])
+                             *[number(value[name]) for name in (*COLUMNS, *extra)], table._x(floor),
+                             table._x(peer), *polled, verdict])
     return table._grid(header, rows), targets
 
 
@@ -169,6 +235,9 @@ def main(argv=None) -> int:
     parser.add_argument("--where", default=",".join(WHERES), help="plain, kernel or both")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per launch (and per host setup)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--poll-exits", action="store_true",
+                        help="experiment: also ours with the proposed launcher._wait_for_exits (column "
+                             f"{POLLED!r})")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every sample as it is taken")
     args = parser.parse_args(argv)
     wheres = [w for w in WHERES if w in args.where.split(",")]
@@ -178,11 +247,11 @@ def main(argv=None) -> int:
 
     hosts, modules = start_hosts(wheres, args.timeout)
     try:
-        results = run(hosts, args.samples, args.warmup, args.seed, args.timeout, args.verbose)
+        results = run(hosts, args.samples, args.warmup, args.seed, args.timeout, args.verbose, args.poll_exits)
     finally:
         close_hosts(hosts)
     left = leftover_processes()
-    lines, targets = render(results, modules, wheres)
+    lines, targets = render(results, modules, wheres, args.poll_exits)
     print(f"Machine: {machine()}")
     print(f"Launch of a trivial function from a bigger parent, {NPROC} CPU ranks (gloo); seconds from the call, "
           f"median of {args.samples} rounds after {args.warmup} warm-up rounds; cases shuffled in each round; "

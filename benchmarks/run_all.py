@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick         # 1 repetition, small sizes (a smoke run)
     python benchmarks/run_all.py --repeats 9 --rows launch --where kernel
     python benchmarks/session_cell.py            # what one cell costs on a persistent session (issue 11)
+    python benchmarks/big_parent.py              # the launch from a parent that imported lightning and accelerate
 
 Every launcher runs in hosts of its own (a plain Python process and a real Jupyter
 kernel per launcher family); every case runs once per round, in a shuffled order, after
@@ -58,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--first-call", choices=("auto", "on", "off"), default="auto",
                         help="also run benchmarks/first_call.py (the first call in fresh kernels, with the launch "
                              "row); auto: on unless --quick")
+    parser.add_argument("--big-parent", choices=("auto", "on", "off"), default="auto",
+                        help="also run benchmarks/big_parent.py (the launch row from a parent that imported "
+                             "lightning and accelerate: floor, Lightning, ours in one host); auto: on with the "
+                             "launch row unless --quick")
     parser.add_argument("--no-warmup", action="store_true", help="count the first round too")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each case's time as it runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled case order")
@@ -215,6 +220,13 @@ def first_call_script(samples: int, timeout: float = 1800) -> str:
     return script_output("first_call.py", ["--samples", str(samples)], timeout)
 
 
+def big_parent_script(samples: int, wheres: list, timeout: float = 1800) -> str:
+    """Output of benchmarks/big_parent.py (issue 18: the launch from a parent that imported
+    lightning and accelerate, floor, Lightning and ours side by side), less its machine line."""
+    output = script_output("big_parent.py", ["--samples", str(samples), "--where", ",".join(wheres)], timeout)
+    return "\n".join(line for line in output.splitlines() if not line.startswith("Machine: "))
+
+
 def session_script(samples: int, timeout: float = 1200) -> str:
     """Output of benchmarks/session_cell.py (issue 11: a trivial cell on a persistent
     session, beside a plain cell, a one-shot launch and the peers), less its machine line."""
@@ -310,6 +322,10 @@ def main(argv=None) -> int:
             args.first_call == "on" or args.first_call == "auto" and not args.quick):
         print("running benchmarks/first_call.py", file=sys.stderr, flush=True)
         first = first_call_script(samples=args.repeats)
+    big = ""
+    if "launch" in args.rows and (args.big_parent == "on" or args.big_parent == "auto" and not args.quick):
+        print("running benchmarks/big_parent.py", file=sys.stderr, flush=True)
+        big = big_parent_script(samples=max(args.repeats, 10), wheres=args.where)
     session = ""
     full_run = not args.quick and len(args.rows) == len(ROWS)
     if args.session_script == "on" or args.session_script == "auto" and full_run:
@@ -330,6 +346,10 @@ def main(argv=None) -> int:
     if first:
         print("\n1b. benchmarks/first_call.py (the first call in a fresh kernel, run by this script):")
         print("\n".join("   " + line for line in first.splitlines()))
+    if big:
+        print("\n1c. benchmarks/big_parent.py (the launch from a parent that imported lightning and accelerate, "
+              "run by this script):")
+        print("\n".join("   " + line for line in big.splitlines()))
     print("\nTargets: " + "; ".join(f"{name}: {verdict}" for name, verdict in targets))
     if results.errors:
         print("\nErrors:")

@@ -79,3 +79,27 @@ def test_session_cell_benchmark_from_a_jupyter_kernel():
         assert re.search(r"[+-]" + NUMBER, line), line                    # its overhead over the plain cell
     assert "Not installed" not in output and "ipyparallel" not in output  # --peers none measures no peer
     assert re.search(r"Targets: %%dist cell: x = 1: < 3 ms over plain: (ok|MISS); session.run", output)
+
+
+@pytest.mark.timeout(300)
+def test_big_parent_benchmark_from_a_plain_process_and_a_kernel():
+    # The launch from parents that imported lightning and accelerate: floor, Lightning and
+    # ours in the same host, each with a median, and the ratios the target is about.
+    script = os.path.join(REPO, "benchmarks", "big_parent.py")
+    result = subprocess.run([sys.executable, script, "--samples", "2", "--warmup", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout
+    assert output.startswith("Machine: ") and "LEFT BEHIND" not in output and "ERROR" not in output
+    for where in ("plain", "kernel"):
+        big = table_line(output, where, "+lightning+accelerate")
+        modules, measure, floor, lightning, ours = big.split()[2], big.split()[3:5], *big.split()[5:8]
+        assert int(modules) > 3000 and measure == ["whole", "call"], big
+        assert all(re.fullmatch(NUMBER, time) for time in (floor, lightning, ours)), big
+        assert len(re.findall(NUMBER + "x", big)) == 2 and re.search(r"(ok|MISS \S+)\s*$", big), big
+        faults = table_line(output, where, "+lightning+accelerate", modules, "rank", "0", "page", "faults")
+        counts = faults.split()[faults.split().index("faults") + 1:][:3]             # floor, Lightning, ours
+        assert all(count.isdigit() for count in counts), faults
+        small = table_line(output, where, "torch")
+        assert len(re.findall(NUMBER, small)) == 3, small                      # floor, ours, ours/floor
+    assert re.search(r"Targets \(.*\): plain, \+lightning\+accelerate: (ok|MISS)", output)

@@ -63,9 +63,10 @@ def behave_as_a_script() -> None:
     early in a worker, before the user's function runs.
 
     ``sys.ps1`` and ``sys.ps2`` go away, and Lightning's cached flag becomes False in
-    every module that already holds it. ``sys.flags.interactive`` cannot be changed:
-    where it is set (a worker of ``python -i``), Lightning's flag is also corrected
-    right after a later import computes it.
+    every module that already holds it (found by the parent before it forked this
+    worker, `before_fork`; else looked up here). ``sys.flags.interactive`` cannot be
+    changed: where it is set (a worker of ``python -i``), Lightning's flag is also
+    corrected right after a later import computes it.
 
     Example::
 
