@@ -2,9 +2,9 @@
 
 A rank that prints, or computes, for several times ``stall_timeout`` without one
 `report()` or progress step is not stalled and must never be reported; a rank blocked
-in ``time.sleep`` or in a collective its peer never joins is, and these controls show
-that the same launch does report a stall. Every launch here uses ``on_stall="raise"``,
-so a stall report is a `WorkerError` naming it: real workers, a real gloo group.
+in ``time.sleep`` or in a collective is, and the controls show that the same launch
+does report a stall. The busy launches use ``on_stall="raise"``, so a stall report is a
+`WorkerError` naming it. Real workers, a real gloo group.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import torch.distributed as dist
 
 from notebook_launcher import WorkerError, notebook_launcher
 
-STALL = 1.5                # seconds: the stall_timeout of every launch here
-BUSY = 4 * STALL + 1.0     # how long the busy ranks keep busy: several whole stall windows
+# Seconds: the stall_timeout of every launch here. A computing rank beats about once a
+# second (workers/heartbeat.py: after each second of samples), later on a loaded machine:
+# at 1.5 s, two busy ranks on 2 loaded cores were reported now and then.
+STALL = 3.0
+BUSY = 3 * STALL + 1.0     # how long the busy ranks keep busy: three whole stall windows
 
 def launch(function, *args):
     """Two CPU ranks, a short stall_timeout, and a stall raises; every rank's value."""
@@ -75,16 +78,22 @@ def test_a_rank_looping_over_a_torch_call_is_not_stalled():
 
 
 # ----------------------------------------------------------------- controls: stuck ranks are reported
-def rank_1_sleeps():
+def every_rank_sleeps():
+    time.sleep(40)           # quiet and still: no output, no report, no CPU
+
+
+def rank_1_prints_on(seconds: float):
+    """Rank 0 returns at once and waits for rank 1 in the launcher's closing barrier."""
     if dist.get_rank() == 1:
-        time.sleep(40)      # quiet and still: no output, no report, no CPU
+        prints_without_reporting(seconds)
 
 
-def rank_1_never_joins():
+def rank_1_joins_late(seconds: float):
     if dist.get_rank() == 0:
         dist.all_reduce(torch.ones(1))    # waits for rank 1, blocked in C
     else:
-        time.sleep(40)
+        time.sleep(seconds)               # then joins: the run ends well
+        dist.all_reduce(torch.ones(1))
 
 
 def stall_raised(function) -> tuple:
@@ -95,17 +104,31 @@ def stall_raised(function) -> tuple:
     return info.value, time.monotonic() - started
 
 
-def test_a_rank_blocked_in_sleep_is_reported_stalled():
-    error, seconds = stall_raised(rank_1_sleeps)
-    # Rank 0 returned and waits in the launcher's closing barrier: it is quiet too, and may
-    # be listed; the rank named as failed is the sleeping one.
-    assert re.match(rf"rank 1 failed: no progress for {STALL:g}s \(stall_timeout\) on (rank 0, )?rank 1;", str(error)), error
+def test_ranks_blocked_in_sleep_are_reported_stalled():
+    error, seconds = stall_raised(every_rank_sleeps)
+    # on_stall="raise" stops at the first report: the rank (or both) that went quiet first
+    assert re.match(rf"rank [01] failed: no progress for {STALL:g}s \(stall_timeout\) on rank [01]", str(error)), error
     assert "time.sleep(40)" in error.remote_traceback
     assert seconds < STALL + 20        # generous: start-up on a loaded 2-core machine
 
 
-def test_ranks_blocked_in_a_collective_are_reported_with_the_one_that_never_joined():
-    error, seconds = stall_raised(rank_1_never_joins)
-    assert str(error).startswith(f"rank 1 failed: no progress for {STALL:g}s (stall_timeout) on rank 0, rank 1;"), error
-    assert "in all_reduce" in error.remote_traceback and "time.sleep(40)" in error.remote_traceback
-    assert seconds < STALL + 20
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: a rank that returned from its function and waits for the others in the closing barrier "
+    "(workers/bootstrap.py _finish_together) is reported stalled, and with on_stall='raise' blamed "
+    "('rank 0 failed: no progress ... on rank 0'): the stall watch should leave out ranks that finished "
+    "their function"))
+def test_a_rank_that_finished_its_function_is_not_stalled_while_another_still_works():
+    launch(rank_1_prints_on, BUSY)
+
+
+def test_ranks_blocked_in_a_collective_and_in_sleep_are_both_reported(capsys):
+    """on_stall="warn": each quiet rank is shown with its stacks, once, and the run goes on
+    (rank 1 joins the collective after both were reported)."""
+    notebook_launcher(rank_1_joins_late, args=(2 * STALL + 3,), num_processes=2, device="cpu", display="none",
+                      stall_timeout=STALL, on_stall="warn")
+    err = capsys.readouterr().err
+    for rank, where in ((0, "in all_reduce"), (1, "time.sleep(seconds)")):
+        lines = [line for line in err.splitlines() if line.startswith(f"[rank{rank}]: ")]
+        assert lines.count(f"[rank{rank}]: no progress for {STALL:g}s (stall_timeout); its stacks, most recent "
+                           "call first:") == 1, err
+        assert any(where in line for line in lines), err
