@@ -18,6 +18,8 @@ Public API:
 - `WorkerError`: raised in the cell when a worker fails; names the rank that failed
   first and carries its traceback. A subclass of torch's ``ChildFailedError``.
 - `LaunchConfigError`: bad arguments, raised before any process starts.
+- `RayCluster(...)`: options for ``cluster=``: ranks on several nodes of a Ray cluster,
+  from one call (``notebook_launcher(fn, num_processes=P, num_nodes=M, cluster="ray")``).
 
 Example::
 
@@ -34,13 +36,14 @@ Example::
 
 from .accelerator import Accelerator, ProjectConfiguration
 from .api import notebook_launcher
+from .clusters import RayCluster
 from .errors import LaunchConfigError, WorkerError
 from .reporting import progress, report
 from .run import Run
 from .session import Session, SessionStatus
 
 __all__ = ["notebook_launcher", "report", "progress", "Accelerator", "ProjectConfiguration", "Run",
-           "Session", "SessionStatus", "WorkerError", "LaunchConfigError"]
+           "Session", "SessionStatus", "WorkerError", "LaunchConfigError", "RayCluster"]
 
 
 def load_ipython_extension(ipython) -> None:

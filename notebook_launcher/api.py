@@ -40,6 +40,7 @@ def notebook_launcher(
     log_with: Any = None,
     project_name: Optional[str] = None,
     logging_dir: Optional[str] = None,
+    cluster: Any = None,
 ) -> Any:
     """Run ``function(*args, **kwargs)`` in ``num_processes`` workers wired into one
     ``torch.distributed`` job, and return rank 0's return value.
@@ -78,6 +79,10 @@ def notebook_launcher(
         on_stall: "warn" (show the stacks, keep running) or "raise" (stop the run and
             raise WorkerError carrying the stacks).
         rdzv_timeout: several machines: seconds to wait for every node to arrive.
+        cluster: None (every rank on this machine, or several machines started by hand with
+            node_rank), or ``"ray"`` / ``RayCluster(...)``: ``num_processes`` ranks on each
+            of ``num_nodes`` Ray nodes, all from this one call (see the README's "On a Ray
+            cluster"); results, errors, Interrupt, stalls and the dashboard work as here.
         log_with, project_name, logging_dir: experiment trackers ("tensorboard", "mlflow",
             "wandb", "trackio", a list, or "all") that every rank-0 ``report()`` is written
             to, in this notebook process. A restart gets a run of its own (the failed
@@ -112,7 +117,7 @@ def notebook_launcher(
         backend=backend, device=device, return_all=return_all, display=display,
         stall_timeout=stall_timeout, on_stall=on_stall, rdzv_timeout=rdzv_timeout,
         rdzv_id=rdzv_id, rdzv_conf=rdzv_conf, log_with=log_with, project_name=project_name,
-        logging_dir=logging_dir,
+        logging_dir=logging_dir, cluster=cluster,
     )
     for note in config.notes:
         print(note, file=sys.stderr)

@@ -109,6 +109,8 @@ def _add_run_parser(commands) -> None:
         help="show a rank's stacks after this long without progress (default 300; 0: never)")
     add("on_stall", choices=("warn", "raise"), default="warn")
     add("display", choices=("text", "none"), default="text")
+    add("cluster", choices=("ray",), help="place the ranks on a cluster: --num_machines nodes of it, "
+        "--num_processes ranks in all (the kernel's or this process's Ray connection, else ray.init('auto'))")
     run.add_argument("-m", "--module", action="store_true", help="TARGET is a module, run like python -m")
     run.add_argument("target", metavar="TARGET", help="script.py, path/to/file.py:function, or (with -m) a module")
     run.add_argument("target_args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's arguments")
@@ -180,7 +182,7 @@ def _launcher_options(args: argparse.Namespace) -> dict:
 
     options = {"max_restarts": args.max_restarts, "monitor_interval": args.monitor_interval,
                "start_method": args.start_method, "display": args.display, "on_stall": args.on_stall,
-               "rdzv_conf": parse_rdzv_conf(args.rdzv_conf)}
+               "rdzv_conf": parse_rdzv_conf(args.rdzv_conf), "cluster": args.cluster}
     if args.stall_timeout is not None:
         options["stall_timeout"] = args.stall_timeout or None   # 0: never
     if args.num_cpu_threads_per_process is not None:

@@ -60,6 +60,8 @@ class LaunchConfig:
     log_with: tuple = ()                           # trackers every rank-0 report() is written to
     project_name: Optional[str] = None             # their run's project
     logging_dir: Optional[str] = None              # where file-based trackers write (default ./runs)
+    cluster: Any = None                            # None: ranks on this machine; else `clusters.RayCluster`...
+    cluster_facts: Any = None                      # what the cluster offers, checked before anything starts
 
     @property
     def world_size(self) -> int:
@@ -77,7 +79,9 @@ class LaunchConfig:
         else:
             what = f"{self.nproc} CPU process{'es' if self.nproc != 1 else ''}"
         nodes = f" on node {self.node_rank} of {self.num_nodes}" if self.num_nodes > 1 else ""
-        if self.num_nodes > 1 and self.rdzv_backend == "c10d":
+        if self.cluster is not None:
+            nodes = f" on each of {self.num_nodes} {self.cluster.describe()} node{'s' if self.num_nodes != 1 else ''}"
+        elif self.num_nodes > 1 and self.rdzv_backend == "c10d":
             nodes = f" on one of {self.num_nodes} nodes (c10d rendezvous)"
         precision = f", {self.mixed_precision}" if self.mixed_precision != "no" else ""
         return f"{what}{nodes} ({self.backend}, {self.start_method}{precision})"
@@ -91,10 +95,12 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
             device: Any = "auto", return_all: bool = False, display: str = "auto",
             stall_timeout: Any = None, on_stall: Any = "warn", rdzv_timeout: Any = 600,
             rdzv_id: Any = "none", rdzv_conf: Any = None, log_with: Any = None,
-            project_name: Optional[str] = None, logging_dir: Optional[str] = None) -> LaunchConfig:
+            project_name: Optional[str] = None, logging_dir: Optional[str] = None, cluster: Any = None) -> LaunchConfig:
     """Check every option and decide every "auto"; raises `LaunchConfigError` saying what to do.
 
-    ``function`` is None for a `Session`, whose tasks come later.
+    ``function`` is None for a `Session`, whose tasks come later. ``cluster`` (None, "ray"
+    or `clusters.RayCluster`) runs ``num_processes`` ranks on each of ``num_nodes`` cluster
+    nodes; the cluster is asked what it has (and a bad fit refused) here.
 
     Example::
 
@@ -135,7 +141,12 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
     max_restarts = _int("max_restarts", max_restarts)
     if max_restarts < 0:
         raise LaunchConfigError(f"max_restarts must be 0 or more, got {max_restarts}.")
-    port = _port(use_port, num_nodes)
+    from .clusters import as_cluster
+
+    cluster = as_cluster(cluster)
+    if cluster is not None:
+        _check_cluster_options(cluster, node_rank, use_port, rdzv_backend, start_method)
+    port = None if cluster is not None else _port(use_port, num_nodes)
     on_stall = _choice("on_stall", on_stall, ON_STALL)
     stall_timeout = None if stall_timeout is None else _seconds("stall_timeout", stall_timeout)
     rdzv_timeout = _seconds("rdzv_timeout", rdzv_timeout)
@@ -144,13 +155,18 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
 
     log_with = check_installed(log_with) if log_with is not None else ()  # a missing package: before any process
     env = environment.detect()
-    device_type = _device_type(device, env)
-    nproc = _nproc(num_processes, device_type, env)
+    facts = None
+    if cluster is not None:   # ranks elsewhere: the cluster's GPUs count, not this machine's
+        facts = _cluster_facts(cluster, num_nodes, num_processes, device)
+        device_type, nproc, (method, reason), (extra_env, notes) = facts.device_type, facts.nproc, ("spawn", ""), ({}, [])
+    else:
+        device_type = _device_type(device, env)
+        nproc = _nproc(num_processes, device_type, env)
+        method, reason = _start_method(start_method, env, device_type)
+        extra_env, notes = _gpu_quirks(env, device_type, nproc, method)
+        if mixed_precision == "bf16" and device_type == "cuda":
+            _check_bf16(env)
     backend = _backend(backend, device_type)
-    if mixed_precision == "bf16" and device_type == "cuda":
-        _check_bf16(env)
-    method, reason = _start_method(start_method, env, device_type)
-    extra_env, notes = _gpu_quirks(env, device_type, nproc, method)
     args, kwargs = tuple(args), dict(kwargs or {})
     if method == "spawn" and function is not None:
         _check_sendable(function, args, kwargs)
@@ -161,12 +177,37 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
         master_addr=str(master_addr), port=port, max_restarts=max_restarts,
         return_all=bool(return_all), display=display, tick=_tick(monitor_interval),
         line_prefix=log_line_prefix_template or DEFAULT_PREFIX,
-        num_threads=_threads_per_worker(env, nproc), stall_timeout=stall_timeout,
+        num_threads=_threads_per_worker(facts.cpus_per_node if facts else env.cpu_count, nproc),
+        stall_timeout=stall_timeout,
         on_stall=on_stall, rdzv_timeout=rdzv_timeout, environment=env,
         extra_env=extra_env, notes=tuple(n for n in (reason, *notes) if n),
         rdzv_backend=rdzv_backend, rdzv_id=str(rdzv_id), rdzv_conf=dict(rdzv_conf or {}),
         log_with=tuple(log_with), project_name=project_name, logging_dir=logging_dir,
+        cluster=cluster, cluster_facts=facts,
     )
+
+
+def _check_cluster_options(cluster, node_rank: int, use_port: Any, rdzv_backend: str, start_method: str) -> None:
+    """On a cluster the engine places every node and agent 0 hosts the rendezvous."""
+    if node_rank != 0 or use_port not in (None, "", 0, "0") or rdzv_backend != "static":
+        raise LaunchConfigError(
+            f"cluster={cluster.kind!r} places every node and picks the rendezvous port itself: make one call "
+            "from the notebook, without node_rank, use_port, rdzv_backend or rdzv_endpoint.")
+    if start_method == "fork":
+        raise LaunchConfigError(f"cluster={cluster.kind!r} starts ranks with spawn on each node; "
+                                "leave start_method='auto' (or 'spawn').")
+
+
+def _cluster_facts(cluster, num_nodes: int, num_processes: Any, device: str):
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise LaunchConfigError("cluster='ray' needs Ray in this kernel: pip install 'notebook-launcher[ray]' "
+                                "(or pip install 'ray[default]').")
+    from .ranks.ray_engine import inspect
+
+    nproc = None if num_processes is None else _positive_int("num_processes", num_processes)
+    return inspect(cluster, num_nodes, nproc, device)
 
 
 def endpoint(rdzv_endpoint: Any, master_addr: Any, use_port: Any) -> tuple:
@@ -335,8 +376,8 @@ def _tick(monitor_interval: Any) -> float:
     return min(max(value, 0.01), 5.0)
 
 
-def _threads_per_worker(env: environment.Environment, nproc: int) -> int:
+def _threads_per_worker(cpu_count: int, nproc: int) -> int:
     configured = os.environ.get("OMP_NUM_THREADS", "")
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
-    return max(1, env.cpu_count // nproc)
+    return max(1, cpu_count // nproc)

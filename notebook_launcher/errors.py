@@ -30,7 +30,8 @@ class Failure:
     exc_type: str = ""                  # qualified name of the remote exception type
     exception: Optional[BaseException] = None  # the original exception, when it unpickled
     secondary: bool = False             # looks like a consequence of another rank's failure
-    timestamp: float = 0.0              # time.monotonic() when it happened (same clock on a host)
+    timestamp: float = 0.0              # when it happened: the rank's clock on one host, else when the notebook heard
+    where: str = ""                     # the node it ran on, e.g. "node 1 (10.0.0.5)"; "" on this machine
 
     @property
     def signal(self) -> Optional[int]:
@@ -104,7 +105,7 @@ class WorkerError(ChildFailedError):
 
     def _format(self) -> str:
         root = self.root
-        head = f"rank {root.rank} failed: {root.summary()}"
+        head = f"rank {root.rank}{f' on {root.where}' if root.where else ''} failed: {root.summary()}"
         if root.exitcode not in (None, 0, 1) and root.signal is None and "exit" not in root.summary():
             head += f" (exit code {root.exitcode})"
         parts = [head]

@@ -1,7 +1,8 @@
 """IPython magics for a persistent `Session`, after ``%load_ext notebook_launcher``.
 
 - ``%dist start -n 2 [--mixed-precision fp16] [--device cpu] ...``: start the ranks
-  (the same options and checks as `notebook_launcher`); ``%dist stop``; ``%dist status``.
+  (the same options and checks as `notebook_launcher`); ``--nodes 2 --cluster ray`` puts
+  ``-n`` ranks on each of 2 Ray nodes; ``%dist stop``; ``%dist status``.
 - ``%%dist [--ranks 0,1]``: run the cell on every rank (or some), each in its own
   namespace that lasts across cells; output rank-prefixed, ``report()``/``progress()``
   drive the cell's dashboard, the last expression is shown per rank.
@@ -48,6 +49,8 @@ def _parsers() -> tuple:
     start.add_argument("--display", default="auto")
     start.add_argument("--stall-timeout", type=float, default=300.0, help="seconds; 0 turns it off")
     start.add_argument("--on-stall", default="warn")
+    start.add_argument("--nodes", type=int, default=1, help="nodes of the cluster (with --cluster)")
+    start.add_argument("--cluster", default=None, choices=["ray"], help="run the ranks on a cluster")
     commands.add_parser("stop", add_help=False)
     commands.add_parser("status", add_help=False)
     pull = commands.add_parser("pull", add_help=False)
@@ -85,7 +88,8 @@ class DistMagics(Magics):
     def _start(self, args) -> None:
         options = dict(mixed_precision=args.mixed_precision, device=args.device, backend=args.backend,
                        start_method=args.start_method, display=args.display,
-                       stall_timeout=args.stall_timeout or None, on_stall=args.on_stall)
+                       stall_timeout=args.stall_timeout or None, on_stall=args.on_stall,
+                       num_nodes=args.nodes, cluster=args.cluster)
         Session.check_options(args.num_processes, **options)  # a typo must not cost the running session
         if self._open():
             print(f"Stopping the running session first ({self.session.title}).")
@@ -108,8 +112,8 @@ class DistMagics(Magics):
         print(f"{session.status}: {session.title}")
         if session.status == SessionStatus.BROKEN:
             print(f"  broken because {session.broken_because}; the next cell starts fresh ranks")
-        for rank, pid in session.pids.items():
-            print(f"  rank {rank}: pid {pid}")
+        for rank, where in session.labels.items():
+            print(f"  rank {rank}: {where}")
 
     def _pull(self, args) -> None:
         session = self._require()

@@ -1,24 +1,28 @@
-"""The parent's event loop for one call: one selector over every rank's pipes and
-process sentinel.
+"""The notebook's event loop for one call: what arrives from the ranks, and when the call
+is decided.
 
-A call is one task on a set of ranks (a launch attempt's function, a ``session.run``,
-a ``%%dist`` cell). It ends when every rank sent the result or the error of THAT task
+A call is one task on a set of ranks (a launch attempt's function, a ``session.run``, a
+``%%dist`` cell). It ends when every rank sent the result or the error of THAT task
 (messages carry a task id; a late message of an earlier task is ignored), or when a
 failure decides it: in a one-shot launch a real failure decides at once (after
 `PRIMARY_WINDOW`, to catch ranks failing at the same moment); in a session the other
 ranks may finish the task too, so that the session survives a user error, as long as
 they show signs of life (a rank silent for `PEER_GRACE` is stuck).
 
-The loop decodes messages into `RunState` events, forwards output lines to the view,
-notes failures and picks the root cause. It never stops processes; its caller (the
-session) does, in one place.
+`Supervisor.run` is a loop of named steps over one wait (loky's manager thread is the
+model): take what the rank group delivers (`ranks.base.RankGroup.wait`), feed it to the
+run state, the view and the sinks, let the `Verdict` note finishes and failures, look for
+stalls, refresh the view. It never starts, signals or stops a process: the group's owner
+does (`calls`, `session`), and the group does the I/O.
+
+Clocks: a failure's time orders root causes (`pick_root_cause`). On one machine it is the
+rank's own clock (ranks failing within microseconds of each other are told apart); across
+machines it is the moment the failure reached the notebook, since the machines' clocks
+are not comparable.
 """
 
 from __future__ import annotations
 
-import os
-import selectors
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,71 +30,17 @@ from typing import Optional
 
 from . import channel as ch
 from .errors import Failure, WorkerError, failure_from
-from .state import (Exited, Heartbeat, Metrics, Output, Progress, Ready, RunState, Stalled, Started,
-                    TaskEnded)
+from .ranks.base import Exit, Lines, Message, RankGroup
+from .state import Exited, Output, Received, RunState, Stalled, Started
 from .ui.base import View
 from .workers.frames import waiting_in_the_launcher
-from .workers.processes import WorkerHandle, signal_workers
 
 TICK = 0.1                  # seconds between view refreshes when nothing arrives
 FAILURE_WINDOW = 0.25       # after a "lost my peer" failure, how long to listen for the real one
 PRIMARY_WINDOW = 0.05       # after a real failure: collect ranks failing at the same moment
-PEER_GRACE = 2.5            # session, after a failure: a rank silent this long (heartbeats come every 1 s
-#                             while its stack moves) counts as stuck
-MAX_LINE = 64 * 1024        # a pending partial line (no newline yet) longer than this is emitted as is
-
-
-class LineSplitter:
-    """Bytes in, whole lines out. A carriage return rewinds the pending line (tqdm bars)."""
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, data: bytes) -> list:
-        data = self._pending + data
-        *complete, self._pending = data.split(b"\n")
-        lines = [_decode(line) for line in complete]
-        if len(self._pending) > MAX_LINE:
-            lines.append(_decode(self._pending))
-            self._pending = b""
-        return lines
-
-    def flush(self) -> list:
-        rest, self._pending = self._pending, b""
-        return [_decode(rest)] if rest.strip(b"\r") else []
-
-
-def _decode(raw: bytes) -> str:
-    if b"\r" in raw:  # keep what a terminal would show: the text after the last \r
-        raw = raw.rstrip(b"\r").rsplit(b"\r", 1)[-1]
-    return raw.decode("utf-8", errors="replace")
-
-
-class RankIO:
-    """The parent's side of one rank's pipes, kept for the life of the rank: a frame or
-    a line cut in two by one call is completed in the next."""
-
-    def __init__(self, handle: WorkerHandle) -> None:
-        self.handle = handle
-        self.rank = handle.rank
-        self.decoder = ch.FrameDecoder()
-        self.splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
-        self.ready = False
-
-    def fds(self) -> dict:
-        fds = self.handle.fds
-        return {"events": fds.events, "stdout": fds.stdout, "stderr": fds.stderr}
-
-    @staticmethod
-    def read(fd: int) -> Optional[bytes]:
-        """What one of its pipes holds now: bytes, ``b""`` at the end (or a closed fd),
-        None when there is nothing yet."""
-        try:
-            return os.read(fd, 1 << 20)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
+HEARTBEAT_GRANULARITY = 1.0  # a working rank beats at least this often (`workers.heartbeat.INTERVAL`)
+PEER_GRACE = 2.5            # session, after a failure: a rank silent this long (heartbeats come every
+#                             second while it computes) counts as stuck
 
 
 @dataclass
@@ -101,7 +51,7 @@ class Outcome:
     root: Optional[Failure] = None
     failures: list = field(default_factory=list)  # every failure seen, root included
     unfinished: list = field(default_factory=list)  # ranks that neither returned nor raised
-    died: list = field(default_factory=list)        # ranks whose process ended during the call
+    died: list = field(default_factory=list)        # ranks whose process ended (or was lost) during the call
     stopped: bool = False                           # a stop request ended it
 
     def error(self, attempt: int = 0) -> "WorkerError":
@@ -118,289 +68,249 @@ class Outcome:
         return error
 
 
-class Supervisor:
-    """Watches one call on ``ranks`` until it is decided.
+class Verdict:
+    """When a call is decided, and how it ended: pure bookkeeping over a clock.
 
-    ``task_id`` 0 is a session's start: a rank has "finished" when it is ready.
-    ``persistent``: the ranks are a session's and must outlive the call (so a process
-    exit is a failure, and other ranks get `PEER_GRACE` after a failure).
-    ``stop``: an Event another thread sets to end the call (``Run.stop``).
-    ``sinks``: objects with ``on_message(rank, message)`` fed every message of this task
-    that the state does not use (experiment trackers).
+    ``persistent``: a session's call (ranks must outlive it: an exit is a failure, and
+    after a failure the others get `PEER_GRACE` while they show signs of life).
+    ``task_id`` 0 is a session's start, where a rank has finished when it is ready.
     """
 
-    def __init__(self, ranks: list, state: RunState, view: View, task_id: int, *,
-                 persistent: bool = False, tick: float = TICK, clock=time.monotonic,
-                 stall: Optional["StallWatch"] = None, stop: Optional[threading.Event] = None,
-                 sinks: tuple = ()) -> None:
-        self.ranks = {io.rank: io for io in ranks}
-        self.state = state
-        self.view = view
-        self.task_id = task_id
+    def __init__(self, ranks: list, persistent: bool, clock=time.monotonic) -> None:
+        self.ranks = list(ranks)
         self.persistent = persistent
-        self.tick = tick
         self.clock = clock
-        self.stall = stall
-        self.stop = stop
-        self.sinks = sinks
-        self.outcome = Outcome()
         self.finished: set = set()
-        self._failures: dict[int, Failure] = {}
+        self.gone: set = set()                       # exited or lost
+        self.failures: dict = {}                     # rank -> Failure (its first)
+        self.heard: dict = {}                        # rank -> when it last showed a sign of life
+        self.outcome = Outcome()
+        self.give_up_at: Optional[float] = None
         self._decide_at: Optional[float] = None      # set by the first failure
-        self._heard: dict = {}                       # rank -> when it last showed a sign of life
-        self._cpu: dict = {}                         # rank -> (CPU ticks used, when that last grew)
-        self._selector = selectors.DefaultSelector()
-        self._registered = False
-        self._closed = False
-        self._give_up_at: Optional[float] = None
 
-    # ------------------------------------------------------------- main loop
-    def run(self, timeout: Optional[float] = None) -> Outcome:
-        """Block until the call is decided (or ``timeout`` seconds pass: then it ends as
-        stopped). KeyboardInterrupt propagates to the caller, who may then `wind_down`
-        (the selector stays open until `close`)."""
-        self._register()
-        now = self.clock()
-        self._give_up_at = None if timeout is None else now + timeout
-        self.state.apply(Started(now, {r: io.handle.pid for r, io in self.ranks.items()}))
-        for io in self.ranks.values():
-            if io.ready:
-                self.state.apply(Ready(io.rank, now))
-                if self.stall is not None:
-                    self.stall.active(io.rank, now, ready=True)
-        self.view.start(self.state)
-        while not self._decided():
-            self._pump(self._timeout())
-            if self.stall is not None:
-                self._check_stalls()
-            self.view.refresh(self.state)
-        return self.conclude()
+    def unfinished(self) -> set:
+        return {r for r in self.ranks if r not in self.finished and r not in self.gone}
 
-    def wind_down(self, timeout: float) -> list:
-        """After an Interrupt was forwarded: pump until every rank ended the task or
-        ``timeout`` passes; returns the ranks that did not."""
-        deadline = self.clock() + timeout
-        self._register()
-        while self._unfinished() and self.clock() < deadline:
-            self._pump(max(0.0, min(self.tick, deadline - self.clock())))
-        return sorted(self._unfinished())
+    def heard_from(self, rank: int, now: float) -> None:
+        self.heard[rank] = now
 
-    def close(self) -> None:
-        """Take what is already in the pipes (last lines), then release the selector. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._drain()
-        finally:
-            self._selector.close()
+    def done(self, rank: int, value: Optional[tuple]) -> None:
+        self.finished.add(rank)
+        self.outcome.results[rank] = value
 
-    def _register(self) -> None:
-        if self._registered:
-            return
-        self._registered = True
-        for io in self.ranks.values():
-            if io.handle.exitcode is not None:
-                continue
-            for what, fd in io.fds().items():
-                if fd not in io.handle.closed:
-                    self._selector.register(fd, selectors.EVENT_READ, (io, what))
-            self._selector.register(io.handle.sentinel, selectors.EVENT_READ, (io, "exit"))
-
-    def _timeout(self) -> float:
-        if self._decide_at is None:
-            return self.tick
-        return max(0.0, min(self.tick, self._decide_at - self.clock()))
-
-    def _pump(self, timeout: float) -> None:
-        for key, _ in self._selector.select(timeout):
-            io, what = key.data
-            if what == "exit":
-                self._on_exit(io, key.fd)
-            else:
-                self._read(io, what, key.fd)
-
-    def _unfinished(self) -> set:
-        return {r for r, io in self.ranks.items() if r not in self.finished and io.handle.exitcode is None}
-
-    def _decided(self) -> bool:
-        if not self._unfinished():
-            return True
-        if (self.stop is not None and self.stop.is_set()) or \
-                (self._give_up_at is not None and self.clock() >= self._give_up_at):
-            self.outcome.stopped = True
-            return True
-        if self._decide_at is None or self.clock() < self._decide_at:
-            return False
-        return not (self.persistent and self._others_alive())
-
-    def _others_alive(self) -> bool:
-        """Session: after a failure, a rank still working on the task is waited for; only
-        ranks silent for `PEER_GRACE` (no message, no output line, no CPU time spent: stuck
-        waiting in a collective the failed rank never joined) let the call end without them."""
-        now = self.clock()
-        for rank in self._unfinished():
-            spent = _cpu_ticks(self.ranks[rank].handle.pid)
-            if rank not in self._cpu:
-                self._cpu[rank] = (spent, -1.0)          # the first look is a baseline, not a sign of life
-            elif spent is not None and spent != self._cpu[rank][0]:
-                self._cpu[rank] = (spent, now)
-            if max(self._heard.get(rank, -1.0), self._cpu.get(rank, (None, -1.0))[1]) >= now - PEER_GRACE:
-                return True
-        return False
-
-    # ------------------------------------------------------------- reading
-    def _read(self, io: RankIO, what: str, fd: int) -> str:
-        """Read what is available on ``fd``: returns "data", "empty" or "eof"."""
-        data = io.read(fd)
-        if data is None:
-            return "empty"
-        if not data:
-            self._unregister(fd)
-            if what != "events":
-                self._emit_lines(io.rank, what, io.splitters[what].flush())
-            return "eof"
-        if what == "events":
-            for envelope in io.decoder.feed(data):
-                self._on_message(io, envelope)
-        else:
-            self._emit_lines(io.rank, what, io.splitters[what].feed(data))
-        return "data"
-
-    def _drain_fd(self, io: RankIO, what: str, fd: int) -> None:
-        while self._read(io, what, fd) == "data":
-            pass
-
-    def _unregister(self, fd: int) -> None:
-        try:
-            self._selector.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-
-    def _emit_lines(self, rank: int, stream: str, lines: list) -> None:
-        if not lines:
-            return
-        self._heard[rank] = self.clock()
-        if self.stall is not None:
-            self.stall.active(rank, self.clock())
-        self.state.apply(Output(rank, stream, tuple(lines), self.clock()))
-        self.view.output(rank, stream, lines)
-
-    def _on_message(self, io: RankIO, envelope: ch.Envelope) -> None:
-        now, message, rank = self.clock(), envelope.message, io.rank
-        if isinstance(message, ch.RankReady):
-            io.ready = True
-        if envelope.task_id not in (0, self.task_id):
-            return  # a late message of a task that already ended (e.g. after an Interrupt)
-        self._heard[rank] = now
-        if self.stall is not None:
-            self.stall.active(rank, now, ready=isinstance(message, ch.RankReady))
-        if isinstance(message, ch.Heartbeat):
-            self.state.apply(Heartbeat(rank, now))
-        elif isinstance(message, ch.RankReady):
-            self.state.apply(Ready(rank, now))
-            if self.task_id == 0:
-                self.finished.add(rank)
-        elif isinstance(message, ch.Report):
-            self.state.apply(Metrics(rank, message.step, message.values, now))
-        elif isinstance(message, ch.ProgressUpdate):
-            self.state.apply(Progress(rank, message.n, message.total, message.desc, message.depth, now, sent=message.t))
-        elif isinstance(message, ch.TaskDone):
-            self.finished.add(rank)
-            self.outcome.results[rank] = None if message.value is None else (message.value, message.pickler)
-            self.state.apply(TaskEnded(rank, True, now))
-        elif isinstance(message, ch.TaskFailed):
-            self.finished.add(rank)
-            self.state.apply(TaskEnded(rank, False, now))
-            self._failure_seen(failure_from(rank, io.handle.pid, message), now)
-        for sink in self.sinks:
-            sink.on_message(rank, message)
-
-    # ------------------------------------------------------------- exits and failures
-    def _on_exit(self, io: RankIO, sentinel: int) -> None:
-        self._unregister(sentinel)
-        handle = io.handle
-        signal_workers([handle], signal.SIGKILL)  # what it left behind, while its pid is still reserved
-        handle.process.join(timeout=1)
-        code = handle.poll()
-        if code is None:
-            return
-        self._drain_fd(io, "events", handle.fds.events)  # its last words are in the pipe
-        self.state.apply(Exited(io.rank, code, self.clock()))
-        if self.persistent or io.rank not in self.finished:
-            self.outcome.died.append(io.rank)
-            self._process_ended(io, code)
-        elif code != 0 and io.rank in self._failures:
-            self._failures[io.rank].exitcode = code
-
-    def _process_ended(self, io: RankIO, code: int) -> None:
-        failure = self._failures.get(io.rank)
-        if failure is not None:
-            if failure.exitcode is None:
-                failure.exitcode = code
-            return
-        message = ("the worker exited before its function returned (os._exit(0)?)" if code == 0 else "")
-        self._failure_seen(Failure(rank=io.rank, pid=io.handle.pid, exitcode=code, message=message,
-                                   timestamp=self.clock()), self.clock())
-
-    def _failure_seen(self, failure: Failure, now: float) -> None:
+    def failed(self, failure: Failure, now: float) -> None:
         """A real failure decides a one-shot call almost at once; a "lost my peer" error
         waits a moment longer for the failure that caused it; a session's ranks get
         `PEER_GRACE` to end the task themselves."""
-        self._failures.setdefault(failure.rank, failure)
+        self.failures.setdefault(failure.rank, failure)
         window = FAILURE_WINDOW if failure.secondary else PRIMARY_WINDOW
         if self.persistent:
             window = max(window, PEER_GRACE)
-        decide_at = now + window
-        self._decide_at = decide_at if self._decide_at is None else min(self._decide_at, decide_at)
+        self.decide_now(now + window)
 
-    def _check_stalls(self) -> None:
-        live = {r: io.handle for r, io in self.ranks.items() if r not in self.finished and io.handle.exitcode is None}
-        stuck = self.stall.stuck(self.clock(), set(live))
-        if not stuck or self._decide_at is not None:
+    def decide_now(self, at: float) -> None:
+        self._decide_at = at if self._decide_at is None else min(self._decide_at, at)
+
+    def exited(self, rank: int, failure: Failure, now: float) -> None:
+        """A rank's process ended (or its node was lost). A rank that already reported its
+        error keeps that failure and gains its exit code; one that finished the task
+        (one-shot) may exit."""
+        self.gone.add(rank)
+        if not (self.persistent or rank not in self.finished):
+            if failure.exitcode and rank in self.failures:
+                self.failures[rank].exitcode = failure.exitcode
             return
-        stacks = {rank: self.stall.dump(rank, live[rank].pid) for rank in stuck}
-        for rank in stuck:
-            self.state.apply(Stalled(rank, self.stall.timeout, stacks[rank], self.clock()))
-            self.view.stalled(rank, self.stall.timeout, stacks[rank])
-        if self.stall.on_stall == "raise":
-            rank = likely_culprit(stuck, stacks)
-            failure = Failure(
-                rank=rank, pid=live[rank].pid, timestamp=self.clock(), traceback=self.stall.describe(stuck, stacks),
-                message=f"no progress for {self.stall.timeout:g}s (stall_timeout) on "
-                        + ", ".join(f"rank {r}" for r in stuck) + "; their stacks show where",
-            )
-            self._failures[rank] = failure
-            self._decide_at = self.clock()
+        self.outcome.died.append(rank)
+        known = self.failures.get(rank)
+        if known is not None:
+            if known.exitcode is None:
+                known.exitcode = failure.exitcode
+            return
+        self.failed(failure, now)
 
-    def _drain(self) -> None:
-        """Collect what is already in the pipes (the last output lines of the call)."""
-        registered = self._selector.get_map()
-        for io in self.ranks.values():
-            for what, fd in io.fds().items():
-                if registered is not None and fd in registered:
-                    self._drain_fd(io, what, fd)
-            for stream, splitter in io.splitters.items():  # a task's partial last line is its own
-                self._emit_lines(io.rank, stream, splitter.flush())
+    def deciding(self) -> bool:
+        return self._decide_at is not None
+
+    def decided(self, stopped: bool) -> bool:
+        now = self.clock()
+        if not self.unfinished():
+            return True
+        if stopped or (self.give_up_at is not None and now >= self.give_up_at):
+            self.outcome.stopped = True
+            return True
+        if self._decide_at is None or now < self._decide_at:
+            return False
+        return not (self.persistent and self._others_alive(now))
+
+    def _others_alive(self, now: float) -> bool:
+        """Session: after a failure, a rank still working on the task (any message, output
+        line or heartbeat within `PEER_GRACE`) is waited for; ranks silent that long are
+        stuck waiting in a collective the failed rank never joined."""
+        return any(self.heard.get(rank, -1.0) >= now - PEER_GRACE for rank in self.unfinished())
+
+    def time_left(self, tick: float) -> float:
+        if self._decide_at is None:
+            return tick
+        return max(0.0, min(tick, self._decide_at - self.clock()))
 
     def conclude(self) -> Outcome:
-        failures = list(self._failures.values())
-        self.outcome.unfinished = sorted(self._unfinished())
+        failures = list(self.failures.values())
+        self.outcome.unfinished = sorted(self.unfinished())
         if failures:
             self.outcome.failures = failures
             self.outcome.root = pick_root_cause(failures)
         return self.outcome
 
 
-def _cpu_ticks(pid: int) -> Optional[int]:
-    """CPU time a process's main thread has used (user + system, in clock ticks), or None
-    off Linux. The main thread only: our heartbeat and channel threads tick along in any rank."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])   # utime, stime: fields 14 and 15 of proc(5)
-    except (OSError, IndexError, ValueError):
-        return None
+class Supervisor:
+    """Watches one call on ``targets`` (ranks of ``group``) until it is decided.
+
+    ``task_id`` 0 is a session's start: a rank has "finished" when it is ready.
+    ``persistent``: the ranks are a session's and must outlive the call.
+    ``stop``: an Event another thread sets to end the call (``Run.stop``).
+    ``sinks``: objects with ``on_message(rank, message)`` fed every message of this task
+    (experiment trackers).
+    """
+
+    def __init__(self, group: RankGroup, targets: list, state: RunState, view: View, task_id: int, *,
+                 persistent: bool = False, tick: float = TICK, clock=time.monotonic,
+                 stall: Optional["StallWatch"] = None, stop: Optional[threading.Event] = None,
+                 sinks: tuple = ()) -> None:
+        self.group = group
+        self.targets = list(targets)
+        self.state = state
+        self.view = view
+        self.task_id = task_id
+        self.tick = tick
+        self.clock = clock
+        self.stall = stall
+        self.stop = stop
+        self.sinks = sinks
+        self.verdict = Verdict(self.targets, persistent, clock)
+        self._closed = False
+
+    @property
+    def finished(self) -> set:
+        return self.verdict.finished
+
+    # ------------------------------------------------------------- the loop
+    def run(self, timeout: Optional[float] = None) -> Outcome:
+        """Block until the call is decided (or ``timeout`` seconds pass: then it ends as
+        stopped). KeyboardInterrupt propagates to the caller, who may then `wind_down`."""
+        self._begin(timeout)
+        while not self.verdict.decided(self.stop is not None and self.stop.is_set()):
+            self._take(self.group.wait(self.verdict.time_left(self.tick)))
+            self._look_for_stalls()
+            self.view.refresh(self.state)
+        return self.verdict.conclude()
+
+    def wind_down(self, timeout: float) -> list:
+        """After an Interrupt was forwarded: take arrivals until every rank ended the task
+        or ``timeout`` passes; returns the ranks that did not."""
+        deadline = self.clock() + timeout
+        while self.verdict.unfinished() and self.clock() < deadline:
+            self._take(self.group.wait(max(0.0, min(self.tick, deadline - self.clock()))))
+        return sorted(self.verdict.unfinished())
+
+    def close(self) -> None:
+        """Take what already arrived (the call's last lines). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._take(self.group.drain())
+
+    # ------------------------------------------------------------- steps
+    def _begin(self, timeout: Optional[float]) -> None:
+        now = self.clock()
+        self.verdict.give_up_at = None if timeout is None else now + timeout
+        for rank in self.targets:
+            if self.group.exitcode(rank) is not None:
+                self.verdict.gone.add(rank)
+        self.state.apply(Started(now, {r: self.group.pid(r) for r in self.targets}))
+        for rank in self.targets:
+            if rank in self.group.ready:
+                self.state.apply(Received(rank, ch.RankReady(self.group.pid(rank) or 0, "", ""), now))
+                if self.stall is not None:
+                    self.stall.active(rank, now, ready=True)
+        self.view.start(self.state)
+
+    def _take(self, arrivals: list) -> None:
+        for arrival in arrivals:
+            if isinstance(arrival, Message):
+                self._on_message(arrival.rank, arrival.envelope)
+            elif isinstance(arrival, Lines):
+                self._on_lines(arrival)
+            elif isinstance(arrival, Exit):
+                self._on_exit(arrival)
+
+    def _on_lines(self, lines: Lines) -> None:
+        if lines.rank not in self.verdict.ranks:
+            return
+        now = self.clock()
+        self._alive(lines.rank, now)
+        self.state.apply(Output(lines.rank, lines.stream, lines.lines, now))
+        self.view.output(lines.rank, lines.stream, list(lines.lines))
+
+    def _on_message(self, rank: int, envelope: ch.Envelope) -> None:
+        now, message = self.clock(), envelope.message
+        if envelope.task_id not in (0, self.task_id) or rank not in self.verdict.ranks:
+            return  # a late message of a task that already ended (e.g. after an Interrupt)
+        self._alive(rank, now, ready=isinstance(message, ch.RankReady))
+        self.state.apply(Received(rank, message, now))
+        if isinstance(message, ch.RankReady) and self.task_id == 0:
+            self.verdict.done(rank, None)
+        elif isinstance(message, ch.TaskDone):
+            self.verdict.done(rank, None if message.value is None else (message.value, message.pickler))
+        elif isinstance(message, ch.TaskFailed):
+            self.verdict.finished.add(rank)
+            self.verdict.failed(self._located(failure_from(rank, self.group.pid(rank) or 0, message), now), now)
+        for sink in self.sinks:
+            sink.on_message(rank, message)
+
+    def _on_exit(self, exit: Exit) -> None:
+        if exit.rank not in self.verdict.ranks:
+            return
+        now = self.clock()
+        self.state.apply(Exited(exit.rank, exit.code, now))
+        message = exit.lost
+        if not message and exit.code == 0:
+            message = "the worker exited before its function returned (os._exit(0)?)"
+        failure = Failure(rank=exit.rank, pid=self.group.pid(exit.rank) or 0, exitcode=exit.code,
+                          message=message, timestamp=now)
+        self.verdict.exited(exit.rank, self._located(failure, now), now)
+
+    def _located(self, failure: Failure, now: float) -> Failure:
+        """Say where the rank ran, and make its time comparable with the others'."""
+        failure.where = self.group.where(failure.rank)
+        if not self.group.single_host:
+            failure.timestamp = now
+        return failure
+
+    def _alive(self, rank: int, now: float, ready: bool = False) -> None:
+        self.verdict.heard_from(rank, now)
+        if self.stall is not None:
+            self.stall.active(rank, now, ready=ready)
+
+    def _look_for_stalls(self) -> None:
+        if self.stall is None or self.verdict.deciding():
+            return
+        now = self.clock()
+        live = self.verdict.unfinished()
+        stuck = self.stall.stuck(now, live)
+        if not stuck:
+            return
+        stacks = {rank: self.group.dump_stacks(rank) for rank in stuck}
+        for rank in stuck:
+            self.state.apply(Stalled(rank, self.stall.timeout, stacks[rank], now))
+            self.view.stalled(rank, self.stall.timeout, stacks[rank])
+        if self.stall.on_stall == "raise":
+            rank = likely_culprit(stuck, stacks)
+            failure = Failure(
+                rank=rank, pid=self.group.pid(rank) or 0, timestamp=now, traceback=StallWatch.describe(stuck, stacks),
+                message=f"no progress for {self.stall.timeout:g}s (stall_timeout) on "
+                        + ", ".join(f"rank {r}" for r in stuck) + "; their stacks show where",
+            )
+            self.verdict.failures[rank] = self._located(failure, now)
+            self.verdict.decide_now(now)
 
 
 def likely_culprit(stuck: list, stacks: dict) -> int:
@@ -426,10 +336,9 @@ class StallWatch:
     reported once per quiet period; activity re-arms it.
     """
 
-    def __init__(self, timeout: float, on_stall: str, dump) -> None:
+    def __init__(self, timeout: float, on_stall: str) -> None:
         self.timeout = timeout
         self.on_stall = on_stall
-        self.dump = dump                  # dump(rank, pid) -> stack text
         self._last: dict[int, float] = {}
         self._reported: set = set()
 
@@ -439,10 +348,17 @@ class StallWatch:
             self._reported.discard(rank)
 
     def stuck(self, now: float, live: set) -> list:
-        quiet = [r for r, t in self._last.items()
-                 if r in live and r not in self._reported and now - t >= self.timeout]
-        self._reported.update(quiet)
-        return sorted(quiet)
+        """Ranks quiet for the whole timeout; once one is, also those quiet for nearly as
+        long (a heartbeat comes at most once a second, so ranks that went quiet together
+        cross the line up to a second apart: they are reported together)."""
+        def quiet(limit: float) -> list:
+            return [r for r, t in self._last.items() if r in live and r not in self._reported and now - t >= limit]
+
+        if not quiet(self.timeout):
+            return []
+        stuck = quiet(max(self.timeout - HEARTBEAT_GRANULARITY, self.timeout / 2))
+        self._reported.update(stuck)
+        return sorted(stuck)
 
     @staticmethod
     def describe(stuck: list, stacks: dict) -> str:

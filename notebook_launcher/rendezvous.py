@@ -15,8 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch.distributed as dist
-
 from .errors import LaunchConfigError
 
 
@@ -31,7 +29,7 @@ class Rendezvous:
     restart_count: int = 0
     max_restarts: int = 0
     node_rank: int = 0
-    store: Optional[dist.TCPStore] = field(default=None, repr=False)
+    store: Optional["torch.distributed.TCPStore"] = field(default=None, repr=False)
     handler: Optional[object] = field(default=None, repr=False)  # torch's c10d rendezvous handler
     listener: Optional[socket.socket] = field(default=None, repr=False)  # reserved port, not yet served
 
@@ -59,6 +57,8 @@ class Rendezvous:
         """Start the TCPStore server on the reserved socket (call after forking workers)."""
         if self.listener is None:
             return  # another node hosts the store, or torch's rendezvous does
+        import torch.distributed as dist  # here: a node agent that hosts no store never imports torch
+
         self.store = dist.TCPStore(
             self.master_addr, self.master_port, None, True,
             timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False,

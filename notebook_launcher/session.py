@@ -4,9 +4,10 @@ A `Session` owns the long-lived things (rank processes, the rendezvous store, th
 stack-dump files, the process group inside each rank); each call on it (`Session.run`,
 `Session.execute`, `pull`, `push`, a ``%%dist`` cell) is a short-lived task with its own
 `RunState`, view and outcome. A call ends when every rank it ran on sent the value or the
-error of THAT task. The ranks are started and stopped only through `launcher.start_ranks`
-and `launcher.teardown`; the one-shot `notebook_launcher` uses the same ranks, worker loop,
-channel and supervisor, with ranks that exit after their one task.
+error of THAT task. The ranks are one `ranks.base.RankGroup`, started by `ranks.start_group` and released by
+its ``close``; each call goes through `calls.run_call`, as a one-shot `notebook_launcher`
+attempt does (the same ranks, worker loop, channel and supervisor, with ranks that exit
+after their one task).
 
 Failure semantics (the README's "Interactive sessions" says the same to users):
 - a task raises on some rank: the call raises `WorkerError` naming the rank that failed
@@ -32,11 +33,14 @@ import weakref
 from typing import Any, Optional
 
 from . import channel as ch
+from .calls import Call, finish, run_call
 from .config import LaunchConfig, resolve
 from .errors import LaunchConfigError
-from .launcher import (Ranks, collect, finish_view, interrupts_deferred, new_state, notebook_sources, start_ranks,
-                       teardown)
-from .monitor import Supervisor
+from .interrupts import interrupts_deferred
+from .launcher import collect, new_state, show_lines, stall_watch
+from .monitor import Outcome, Supervisor
+from .ranks import notebook_sources, start_group
+from .ranks.base import RankGroup, frame_of
 from .serialization import dumps_task
 from .state import RunState, RunStatus, Status
 from .trackers import TrackerHub
@@ -46,7 +50,6 @@ from .workers import tasks
 
 INTERRUPT_GRACE = 1.0   # seconds ranks get to leave a task after an Interrupt (the cell promises 2 s)
 START_TIMEOUT = 300.0   # seconds for every rank to form the process group
-CLOSE_GRACE = 5.0       # seconds ranks get to shut down by themselves (NCCL teardown) on close
 
 
 class SessionStatus(Status):
@@ -71,9 +74,10 @@ class SessionStatus(Status):
 class Session:
     """N ranks kept alive between calls, with torch.distributed wired once.
 
-    Takes the options of `notebook_launcher` that concern one machine, with the same
+    Takes the options of `notebook_launcher` that concern its ranks, with the same
     checks and errors; starting forks (or spawns) the ranks and forms the default
-    process group. Use it as a context manager, or call `close` (which frees the ranks'
+    process group. ``num_nodes`` and ``cluster="ray"`` put ``num_processes`` ranks on each
+    of ``num_nodes`` Ray nodes, kept across calls the same way. Use it as a context manager, or call `close` (which frees the ranks'
     GPU memory).
 
     Example::
@@ -89,17 +93,18 @@ class Session:
                  start_method: str = "auto", backend: str = "auto", device: str = "auto",
                  display: str = "auto", stall_timeout: Optional[float] = 300.0, on_stall: str = "warn",
                  monitor_interval: float = 0.1, log_line_prefix_template: Optional[str] = None,
-                 use_port: Optional[int] = None, master_addr: str = "127.0.0.1") -> None:
+                 use_port: Optional[int] = None, master_addr: str = "127.0.0.1", num_nodes: int = 1,
+                 cluster: Any = None) -> None:
         self.config: LaunchConfig = self.check_options(
             num_processes, mixed_precision=mixed_precision, start_method=start_method, backend=backend,
             device=device, display=display, stall_timeout=stall_timeout, on_stall=on_stall,
             monitor_interval=monitor_interval, log_line_prefix_template=log_line_prefix_template,
-            use_port=use_port, master_addr=master_addr)
+            use_port=use_port, master_addr=master_addr, num_nodes=num_nodes, cluster=cluster)
         self.title = self.config.describe()
         self.status = SessionStatus.STARTING
         self.broken_because = ""
         self.state: Optional[RunState] = None      # the last call's state
-        self._ranks: Optional[Ranks] = None
+        self._ranks: Optional[RankGroup] = None
         self._task_id = 0
         self._generation = 0
         self._sent_sources: set = set()
@@ -118,6 +123,8 @@ class Session:
 
             Session.check_options(2, mixed_precision="fp61")   # LaunchConfigError: unknown mixed_precision...
         """
+        if options.get("num_nodes", 1) != 1 and options.get("cluster") is None:
+            raise LaunchConfigError("a session spans several nodes only on a cluster: pass cluster='ray' with num_nodes.")
         return resolve(None, num_processes=num_processes, **options)
 
     # ------------------------------------------------------------- life cycle
@@ -130,8 +137,9 @@ class Session:
             with interrupts_deferred():  # ranks started are owned (and reaped) before an Interrupt lands
                 if self.config.start_method == "fork":
                     _preload_for_cells()
-                self._ranks = start_ranks(self.config, self._generation, persistent=True)
-                self._reaper = weakref.finalize(self, teardown, self._ranks, False, 0.0)
+                self._ranks = start_group(self.config, self._generation, persistent=True,
+                                          last_words=show_lines(View(self.config.line_prefix)))
+                self._reaper = weakref.finalize(self, self._ranks.close, False, 0.0)
             outcome = self._await_ready()
         except BaseException as exc:
             self._break(f"it could not start: {type(exc).__name__}: {exc}")
@@ -144,13 +152,10 @@ class Session:
             raise outcome.error()
         self.status = SessionStatus.IDLE
 
-    def _await_ready(self):
-        supervisor = Supervisor(self._ranks.io, new_state(self.config), View(self.config.line_prefix), 0,
-                                persistent=True, tick=self.config.tick)
-        try:
-            return supervisor.run(timeout=START_TIMEOUT)
-        finally:
-            supervisor.close()
+    def _await_ready(self) -> Outcome:
+        call = Call(self._ranks, self._ranks.ranks, 0, new_state(self.config, self._ranks.ranks),
+                    View(self.config.line_prefix), persistent=True, tick=self.config.tick, timeout=START_TIMEOUT)
+        return run_call(call, _Quiet())
 
     def close(self) -> None:
         """Stop every rank (they leave their task loop, free their GPU memory and exit).
@@ -165,7 +170,7 @@ class Session:
         self._stop_ranks(graceful=True)
         self.status = SessionStatus.CLOSED
 
-    def _stop_ranks(self, graceful: bool, term_grace: Optional[float] = None) -> None:
+    def _stop_ranks(self, graceful: bool, term_grace: float = 1.0) -> None:
         with interrupts_deferred():
             ranks, self._ranks = self._ranks, None
             if ranks is None:
@@ -173,10 +178,10 @@ class Session:
             self._reaper.detach()
             if graceful:
                 try:
-                    ranks.send([io.rank for io in ranks.io if io.handle.exitcode is None], ch.Shutdown())
+                    ranks.send(ranks.alive(), frame_of(ch.Shutdown()))
                 except OSError:
                     graceful = False  # a rank is gone: no one to wait for
-            teardown(ranks, graceful=graceful, **({} if term_grace is None else {"term_grace": term_grace}))
+            ranks.close(graceful=graceful, term_grace=term_grace)
 
     def _break(self, reason: str) -> None:
         """The ranks cannot be trusted any more (one died, is stuck in C, or they could
@@ -189,7 +194,7 @@ class Session:
         """Raise if closed; restart (saying so) if broken or a rank died while idle."""
         if self.status == SessionStatus.CLOSED:
             raise RuntimeError("this session is closed: start a new one (Session(...) or %dist start)")
-        dead = [io.rank for io in self._ranks.io if io.handle.poll() is not None] if self._ranks else []
+        dead = [rank for rank in self._ranks.ranks if self._ranks.exitcode(rank) is not None] if self._ranks else []
         if dead and self.status != SessionStatus.BROKEN:
             self._break(f"rank {dead[0]} died while the session was idle")
         if self.status == SessionStatus.BROKEN:
@@ -213,9 +218,14 @@ class Session:
         return list(range(self.config.first_rank, self.config.first_rank + self.config.nproc))
 
     @property
+    def labels(self) -> dict:
+        """rank -> where it runs, e.g. ``{0: "pid 4711"}``, or ``"node 1 (host, 10.0.0.5) pid 4711"`` on a cluster."""
+        return {rank: self._ranks.label(rank) for rank in self._ranks.ranks} if self._ranks else {}
+
+    @property
     def pids(self) -> dict:
         """rank -> process id of the live ranks, e.g. ``{0: 4711, 1: 4712}`` (empty once closed)."""
-        return {io.rank: io.handle.pid for io in self._ranks.io} if self._ranks else {}
+        return {rank: self._ranks.pid(rank) for rank in self._ranks.ranks} if self._ranks else {}
 
     # ------------------------------------------------------------- calls
     def run(self, function, *args, return_all: bool = False, **kwargs) -> Any:
@@ -232,7 +242,7 @@ class Session:
         if not callable(function):
             raise LaunchConfigError(f"run() needs a function, got {type(function).__name__}.")
         results = self._call(tasks.Call(function, args, kwargs), values_from=self.ranks if return_all else [0])
-        return collect(self.config, results, self.ranks, return_all)
+        return collect(results, self.ranks, return_all)
 
     def execute(self, source: str, ranks: Optional[list] = None, name: Optional[str] = None) -> dict:
         """Run ``source`` on every rank (or ``ranks``) in that rank's own namespace, where
@@ -250,7 +260,7 @@ class Session:
         # Stall reports are built here: they show the cell's lines as IPython shows a cell's.
         linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
         results = self._call(tasks.Execute(source, filename), ranks=targets, values_from=targets)
-        values = collect(self.config, results, targets, True)
+        values = collect(results, targets, True)
         return {rank: text for rank, text in zip(targets, values) if text is not None}
 
     def pull(self, name: str, rank: int = 0) -> Any:
@@ -263,7 +273,7 @@ class Session:
         """
         targets = self._targets([rank])
         results = self._call(tasks.Pull(name), ranks=targets, values_from=targets)
-        return collect(self.config, results, targets, return_all=True)[0]
+        return collect(results, targets, return_all=True)[0]
 
     def push(self, **values) -> None:
         """Bind ``values`` in every rank's namespace (sent by value, with dill).
@@ -298,43 +308,22 @@ class Session:
     def _supervise(self, task, targets: list, values_from: list) -> dict:
         self._task_id += 1
         state = self.state = new_state(self.config, targets)
-        view = self._view()
-        hub = TrackerHub()  # a call that runs init_trackers gets its own tracker run, closed with the call
-        supervisor = Supervisor([io for io in self._ranks.io if io.rank in targets], state, view, self._task_id,
-                                persistent=True, tick=self.config.tick, stall=self._ranks.stall_watch(),
-                                sinks=(hub,))
+        owner = _SessionCall(self, task, targets, values_from)
+        call = Call(self._ranks, targets, self._task_id, state, self._view(), persistent=True, tick=self.config.tick,
+                    stall=stall_watch(self.config), hub=TrackerHub())  # a call's init_trackers: a run of its own
         self.status = SessionStatus.RUNNING
-        status, failure = RunStatus.FAILED, None
         try:
-            try:
-                self._send_task(task, targets, values_from)
-                outcome = supervisor.run()
-            except KeyboardInterrupt:
-                status = RunStatus.INTERRUPTED
-                with interrupts_deferred():
-                    stuck = self._interrupt(supervisor)
-                    supervisor.close()  # before any break closes the pipes it reads
-                    if stuck:
-                        self._break(f"rank {stuck[0]} could not be interrupted")
-                raise
-            finally:
-                supervisor.close()
-            if outcome.died or outcome.unfinished:
-                who = outcome.died or outcome.unfinished
-                self._break(f"rank {who[0]} {'died' if outcome.died else 'did not finish the task'}")
-            if outcome.root is not None:
-                failure = outcome.root
-                error = outcome.error()
-                if self.status == SessionStatus.BROKEN:
-                    error.notes.append(f"The session is broken ({self.broken_because}): its ranks were stopped, "
-                                       "and the next call starts fresh ones.")
-                raise error
-            status = RunStatus.SUCCEEDED
-            return outcome.results
+            outcome = run_call(call, owner)
         finally:
             if self.status == SessionStatus.RUNNING:
                 self.status = SessionStatus.IDLE
-            finish_view(view, state, status, failure, hub)
+        if outcome.root is not None:
+            error = outcome.error()
+            if self.status == SessionStatus.BROKEN:
+                error.notes.append(f"The session is broken ({self.broken_because}): its ranks were stopped, "
+                                   "and the next call starts fresh ones.")
+            raise error
+        return outcome.results
 
     def _send_task(self, task, targets: list, values_from: list) -> None:
         """Write the task to every target rank, whole: an Interrupt waits until every
@@ -346,19 +335,8 @@ class Session:
             for send_value in (True, False):
                 ranks = [r for r in targets if (r in values_from) == send_value]
                 if ranks:
-                    self._ranks.send(ranks, ch.TaskRequest(blob, send_value, sources), self._task_id)
+                    self._ranks.send(ranks, frame_of(ch.TaskRequest(blob, send_value, sources), self._task_id))
         self._sent_sources.update(sources)
-
-    def _interrupt(self, supervisor: Supervisor) -> list:
-        """Forward the Interrupt to the ranks still in the task; returns those that could
-        not leave it in time (blocked in C, e.g. a collective)."""
-        for io in self._ranks.io:
-            if io.rank in supervisor.ranks and io.rank not in supervisor.finished and io.handle.exitcode is None:
-                try:
-                    os.kill(io.handle.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
-        return supervisor.wind_down(INTERRUPT_GRACE)
 
     def _view(self) -> View:
         """Output lines at once; the dashboard only once a rank reports or shows progress,
@@ -379,3 +357,42 @@ def _preload_for_cells() -> None:
     from .workers import preload
 
     preload.preload()
+
+
+class _SessionCall:
+    """A session's side of one call (`calls.CallOwner`): send the task; forward an
+    Interrupt to the ranks still in it; break the session when a rank died, stayed stuck
+    or could not leave the task."""
+
+    def __init__(self, session: Session, task, targets: list, values_from: list) -> None:
+        self.session, self.task, self.targets, self.values_from = session, task, targets, values_from
+        self.stuck: list = []
+
+    def send(self) -> None:
+        self.session._send_task(self.task, self.targets, self.values_from)
+
+    def interrupted(self, supervisor: Supervisor) -> None:
+        group = self.session._ranks
+        group.interrupt([r for r in self.targets if r not in supervisor.finished and group.exitcode(r) is None])
+        self.stuck = supervisor.wind_down(INTERRUPT_GRACE)
+
+    def ended(self, outcome: Optional[Outcome], status: RunStatus) -> None:
+        if self.stuck:
+            self.session._break(f"rank {self.stuck[0]} could not be interrupted")
+        elif outcome is not None and (outcome.died or outcome.unfinished):
+            who = outcome.died or outcome.unfinished
+            self.session._break(f"rank {who[0]} {'died' if outcome.died else 'did not finish the task'}")
+
+
+class _Quiet:
+    """The owner of a session's start: nothing to send (ranks say they are ready), nothing
+    to forward, and the session decides what a failed start means."""
+
+    def send(self) -> None:
+        pass
+
+    def interrupted(self, supervisor: Supervisor) -> None:
+        pass
+
+    def ended(self, outcome: Optional[Outcome], status: RunStatus) -> None:
+        pass

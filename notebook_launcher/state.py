@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from . import channel as ch
 from .errors import Failure
 
 
@@ -80,16 +81,14 @@ class Started:
 
 
 @dataclass(frozen=True)
-class Ready:
-    rank: int
-    t: float
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """The rank's main thread moved: it is alive and not stuck."""
+class Received:
+    """A message from a rank (`channel`'s worker-to-parent messages: `RankReady`,
+    `Report`, `ProgressUpdate`, `Heartbeat`, `TaskDone`, `TaskFailed`), as the notebook
+    received it at ``t`` (its own clock). The messages are the one hierarchy of what ranks
+    say; the other events here are what the notebook itself observes."""
 
     rank: int
+    message: Any
     t: float
 
 
@@ -101,35 +100,6 @@ class Stalled:
     seconds: float
     stacks: str
     t: float
-
-
-@dataclass(frozen=True)
-class TaskEnded:
-    """The rank finished the call's task: returned (``ok``) or raised."""
-
-    rank: int
-    ok: bool
-    t: float
-
-
-@dataclass(frozen=True)
-class Metrics:
-    rank: int
-    step: Optional[int]
-    values: dict  # name -> float
-    t: float
-
-
-@dataclass(frozen=True)
-class Progress:
-    rank: int
-    n: int
-    total: Optional[int]
-    desc: Optional[str]
-    depth: int
-    t: float
-    sent: Optional[float] = None  # when the rank stepped (same monotonic clock on one host): the rate uses it,
-    #                               since a busy parent may read a second's worth of steps at once
 
 
 @dataclass(frozen=True)
@@ -154,7 +124,7 @@ class Finished:
     failure: Optional[Failure] = None
 
 
-Event = Union[Started, Ready, Heartbeat, Stalled, TaskEnded, Metrics, Progress, Output, Exited, Finished]
+Event = Union[Started, Received, Stalled, Output, Exited, Finished]
 
 # ----------------------------------------------------------------- limits
 MAX_POINTS = 2_000    # points kept per metric series; older ones are merged pairwise
@@ -258,16 +228,11 @@ class ProgressState:
         round(bar.rate)                  # 356: 210 batches in 0.59 s
     """
 
-    # Events stamped when the parent reads them come in batches (every 0.1 s or later
-    # when the parent is busy), so a short span measures the parent, not the loop: no
-    # rate from less than this many seconds (the error is then ~20 % at most). Events
-    # stamped by the rank when it stepped (``Progress.sent``) measure the loop itself, so
-    # a quick loop (30 steps in 0.3 s) still gets its rate.
-    MIN_SPAN = 0.5
-    MIN_SPAN_RANK_CLOCK = 0.05
+    # Times are the rank's own (when it stepped), so a quick loop (30 steps in 0.3 s)
+    # still gets its rate; none from a span of a few microseconds, though.
+    MIN_SPAN = 0.05
     # A pause between two runs of a bar longer than this (an evaluation between epochs)
-    # is left out of the rate; a shorter one counts, as it may be the parent's reading
-    # delay rather than a pause of the loop.
+    # is left out of the rate.
     LONG_PAUSE = 0.5
 
     n: int = 0
@@ -279,7 +244,6 @@ class ProgressState:
     done_before: int = 0                 # items done in earlier runs
     paused: float = 0.0                  # seconds of pauses between runs left out of the rate
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
-    rank_clock: bool = False             # times are when the rank stepped, not when the parent read
 
     def update(self, n: int, t: float) -> None:
         self.n, self.updated_at = n, t
@@ -307,8 +271,7 @@ class ProgressState:
     @property
     def rate(self) -> Optional[float]:
         """Items per second since the newest sample at least `RATE_WINDOW` old (or the
-        oldest one); None over less than `MIN_SPAN` seconds (`MIN_SPAN_RANK_CLOCK` when
-        the rank stamped the steps) or when nothing moved."""
+        oldest one); None over less than `MIN_SPAN` seconds or when nothing moved."""
         if self.updated_at is None or not self.samples:
             return None
         samples = tuple(self.samples)  # one atomic copy: views read the state from other threads
@@ -318,8 +281,7 @@ class ProgressState:
             if t > now - RATE_WINDOW:
                 break
             then, done_then = t, n
-        min_span = self.MIN_SPAN_RANK_CLOCK if self.rank_clock else self.MIN_SPAN
-        if now - then < min_span or done <= done_then:
+        if now - then < self.MIN_SPAN or done <= done_then:
             return None
         return (done - done_then) / (now - then)
 
@@ -392,7 +354,8 @@ class RunState:
         """(fraction done, seconds left) of the whole run, from the nested bars.
 
         With epochs outside and batches inside, 2 of 3 epochs done plus half of the third
-        is 5/6; the ETA scales the time the outer loop has taken by what is left.
+        is 5/6; the ETA scales the time the outer loop has taken by what is left (both on
+        the lead rank's clock, as the bars are).
         """
         bars = self.bars()
         if not bars or not bars[0].total:
@@ -404,7 +367,7 @@ class RunState:
         fraction = min(1.0, done / outer.total)
         if len(bars) == 1:
             return fraction, outer.eta
-        spent = (self.now or 0.0) - (outer.started_at or 0.0)
+        spent = max(bar.updated_at or 0.0 for bar in bars) - (outer.started_at or 0.0)
         if fraction <= 0 or spent <= 0:
             return fraction, None
         return fraction, spent * (1 - fraction) / fraction
@@ -429,15 +392,25 @@ class RunState:
         for rank, pid in event.pids.items():
             self._seen(rank, event.t).pid = pid
 
-    def _on_ready(self, event: Ready) -> None:
-        state = self._seen(event.rank, event.t)
+    def _on_received(self, event: Received) -> None:
+        message = event.message
+        if isinstance(message, ch.RankReady):
+            self._ready(event.rank, event.t)
+        elif isinstance(message, ch.Heartbeat):
+            self._seen(event.rank, event.t)
+        elif isinstance(message, ch.Report):
+            self._metrics(event.rank, message, event.t)
+        elif isinstance(message, ch.ProgressUpdate):
+            self._progress(event.rank, message, event.t)
+        elif isinstance(message, (ch.TaskDone, ch.TaskFailed)):
+            self._task_ended(event.rank, isinstance(message, ch.TaskDone), event.t)
+
+    def _ready(self, rank: int, t: float) -> None:
+        state = self._seen(rank, t)
         if state.status == RankStatus.STARTING:
             state.status = RankStatus.RUNNING
         if self.status == RunStatus.STARTING:
             self.status = RunStatus.RUNNING
-
-    def _on_heartbeat(self, event: Heartbeat) -> None:
-        self._seen(event.rank, event.t)
 
     def _on_stalled(self, event: Stalled) -> None:
         state = self.ranks.setdefault(event.rank, RankState(event.rank))
@@ -449,48 +422,49 @@ class RunState:
             self.log.append((event.rank, "stderr", line))
         self.log_version += 1
 
-    def _on_taskended(self, event: TaskEnded) -> None:
-        state = self.ranks.setdefault(event.rank, RankState(event.rank))
-        state.last_seen = event.t
-        state.status = RankStatus.DONE if event.ok else RankStatus.FAILED
+    def _task_ended(self, rank: int, ok: bool, t: float) -> None:
+        state = self.ranks.setdefault(rank, RankState(rank))
+        state.last_seen = t
+        state.status = RankStatus.DONE if ok else RankStatus.FAILED
 
-    def _on_metrics(self, event: Metrics) -> None:
-        state = self._seen(event.rank, event.t)
-        if event.step is not None:
-            state.step = event.step
-        if event.rank != self.lead or not event.values:
+    def _metrics(self, rank: int, report: ch.Report, t: float) -> None:
+        state = self._seen(rank, t)
+        if report.step is not None:
+            state.step = report.step
+        if rank != self.lead or not report.values:
             return
         # A report without a step comes one after the previous one.
-        step = event.step if event.step is not None else (-1 if self.last_step is None else self.last_step) + 1
+        step = report.step if report.step is not None else (-1 if self.last_step is None else self.last_step) + 1
         self.last_step = step
         self.reports_seen += 1
-        for name, value in event.values.items():
+        for name, value in report.values.items():
             value = float(value)
             self.series.setdefault(name, Series()).add(step, value)
             self.latest[name] = value
         self.metrics_version += 1
 
-    def _on_progress(self, event: Progress) -> None:
-        state = self._seen(event.rank, event.t)
-        state.position[event.depth] = (event.n, event.total)
-        for depth in [d for d in state.position if d > event.depth]:
-            if event.n == 0:  # an outer loop restarted: inner positions are stale
+    def _progress(self, rank: int, update: ch.ProgressUpdate, t: float) -> None:
+        state = self._seen(rank, t)
+        state.position[update.depth] = (update.n, update.total)
+        for depth in [d for d in state.position if d > update.depth]:
+            if update.n == 0:  # an outer loop restarted: inner positions are stale
                 del state.position[depth]
-        if event.rank != self.lead:
+        if rank != self.lead:
             return
-        when = event.sent if event.sent is not None else event.t
-        bar = self.progress.get(event.depth)
-        if bar is None or event.n < bar.n or bar.desc != event.desc or bar.total != event.total:
-            if bar is not None and bar.desc == event.desc and bar.total == event.total:
+        # Bars run on the lead rank's own clock (when it stepped): a busy notebook may read
+        # a second's worth of steps at once, and other machines' clocks are never mixed in.
+        when = update.t
+        bar = self.progress.get(update.depth)
+        if bar is None or update.n < bar.n or bar.desc != update.desc or bar.total != update.total:
+            if bar is not None and bar.desc == update.desc and bar.total == update.total:
                 bar.restart(when)  # the same loop again (the next epoch's batches): its rate goes on
             else:
-                bar = self.progress[event.depth] = ProgressState(
-                    total=event.total, desc=event.desc, started_at=when, depth=event.depth
+                bar = self.progress[update.depth] = ProgressState(
+                    total=update.total, desc=update.desc, started_at=when, depth=update.depth
                 )
-            for depth in [d for d in self.progress if d > event.depth]:
+            for depth in [d for d in self.progress if d > update.depth]:
                 del self.progress[depth]  # bars nested in a restarted one start over
-        bar.rank_clock = event.sent is not None
-        bar.update(event.n, when)
+        bar.update(update.n, when)
         self.progress_version += 1
 
     def _on_output(self, event: Output) -> None:

@@ -28,6 +28,16 @@ def _name(process: psutil.Process) -> str:
         return "(exited meanwhile)"
 
 
+def _ray_pool_worker(process: psutil.Process) -> bool:
+    """An idle worker of a Ray cluster a test module started: Ray keeps a pool of them for
+    later tasks. Ours (agents, ranks) are never idle workers; Ray tests check them by PID
+    and by Ray's own tables."""
+    try:
+        return process.cmdline()[:1] == ["ray::IDLE"] or process.name() == "ray::IDLE"
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
     """Every test must reap what it started (kernels are shut down by their fixtures).
@@ -38,7 +48,8 @@ def no_leftover_processes():
 
     deadline = time.monotonic() + 5
     while True:
-        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and _running(p)]
+        left = [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and _running(p) and not _ray_pool_worker(p)]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -11,7 +11,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from notebook_launcher import WorkerError, channel as ch
 from notebook_launcher.errors import Failure
-from notebook_launcher.monitor import LineSplitter, pick_root_cause
+from notebook_launcher.monitor import pick_root_cause
+from notebook_launcher.ranks.base import LineSplitter
 from notebook_launcher.serialization import dumps_result, loads_result
 
 

@@ -14,7 +14,8 @@ import math
 import pytest
 
 from notebook_launcher.reporting import PROGRESS_INTERVAL
-from notebook_launcher.state import Progress, RunState, Started
+from notebook_launcher.state import (RunState, Started)
+from events import progress
 from notebook_launcher.ui import html as fragments
 
 
@@ -49,11 +50,12 @@ def worker_events(epochs, batches, batch_seconds, pause):
 
 
 def received(messages, every):
-    """Progress events stamped when a parent that reads every ``every`` seconds (0: at once) gets them."""
+    """Progress events as a parent that reads every ``every`` seconds (0: at once) gets
+    them: received late and in bursts, each stamped by the rank when it stepped."""
     events = []
     for index, (t, n, total, desc, depth) in enumerate(messages):
         read_at = math.ceil(t / every) * every if every else t
-        events.append(Progress(0, n, total, desc, depth, read_at + 20e-6 + index * 1e-6))
+        events.append(progress(0, n, total, desc, depth, read_at + 20e-6 + index * 1e-6, sent=t))
     return events
 
 
@@ -68,13 +70,12 @@ def test_an_inner_bar_restarting_every_epoch_shows_its_batches_per_second(every)
         if state.bars()[-1].desc == "batch":
             shown.append(state.bars()[-1].rate)
     rates = [rate for rate in shown if rate is not None]
-    assert rates, "no rate was ever shown"
-    # Over the first half second the parent's read delays are most of the span: no rate yet.
-    assert shown[: len(shown) // 3] == [None] * (len(shown) // 3)
-    spread = 0.25 if every <= 0.1 else 1.0                  # a busy parent: still the right order
-    assert all(abs(rate / true_rate - 1) <= spread for rate in rates), (min(rates), max(rates), true_rate)
+    # The rank's own timestamps measure the loop, however late and bunched the parent reads:
+    # a rate from the second epoch on (0.05 s of steps), and always the right one.
+    assert shown.index(rates[0]) <= 2 * 22, shown[:50]
+    assert all(abs(rate / true_rate - 1) <= 0.25 for rate in rates), (min(rates), max(rates), true_rate)
     inner = state.bars()[-1]
-    assert inner.rate == pytest.approx(true_rate, rel=0.15 if every <= 0.1 else 0.5)   # the whole run
+    assert inner.rate == pytest.approx(true_rate, rel=0.15)   # the whole run
     assert f"{inner.rate:,.0f} it/s" in fragments.bar_stats(inner)
 
 
@@ -82,7 +83,7 @@ def test_no_rate_from_a_few_microseconds():
     """Three messages of one short epoch read in one go: 21 items in 40 microseconds."""
     state = new_state()
     for n, t in ((0, 5.00000), (1, 5.00002), (21, 5.00004)):
-        state.apply(Progress(0, n, 21, "batch", 0, t))
+        state.apply(progress(0, n, 21, "batch", 0, t))
     bar = state.bars()[0]
     assert bar.rate is None and bar.eta is None
     assert "? it/s" in fragments.bar_stats(bar)
@@ -124,7 +125,7 @@ def test_a_restart_keeps_the_bar_and_drops_the_bars_inside_it():
         state.apply(event)
     outer, inner = state.bars()
     assert (outer.n, inner.n) == (3, 10)
-    state.apply(Progress(0, 0, 3, "epoch", 0, 1.0))        # the same outer loop once more
+    state.apply(progress(0, 0, 3, "epoch", 0, 1.0))        # the same outer loop once more
     assert state.bars() == [outer] and outer.n == 0 and outer.started_at == 1.0
 
 
@@ -132,6 +133,6 @@ def test_the_rate_uses_when_the_rank_stepped_even_if_the_parent_read_everything_
     # 3 epochs of 21 batches at 10 ms each (100 batches/s), all read by a busy parent in one go
     state = new_state()
     for t, n, total, desc, depth in worker_events(epochs=3, batches=21, batch_seconds=0.01, pause=0.0):
-        state.apply(Progress(0, n, total, desc, depth, t=5.0, sent=t))
+        state.apply(progress(0, n, total, desc, depth, t=5.0, sent=t))
     inner = state.bars()[1]
     assert inner.rate == pytest.approx(100, rel=0.15)

@@ -8,7 +8,8 @@ import sys
 import textwrap
 
 from notebook_launcher.errors import Failure
-from notebook_launcher.state import Finished, Metrics, Output, Progress, Ready, RunState, Started
+from notebook_launcher.state import (Finished, Output, RunState, Started)
+from events import ready, metrics, progress
 from notebook_launcher.ui.text import TextView, progress_line
 
 
@@ -29,7 +30,7 @@ def running(view, clock):
     state = RunState(world_size=2, local_ranks=[0, 1], backend="gloo", device="cpu", start_method="fork")
     state.apply(Started(clock.t, {0: 1, 1: 2}))
     view.start(state)
-    state.apply(Ready(0, clock.t))
+    state.apply(ready(0, clock.t))
     return state
 
 
@@ -39,8 +40,8 @@ def burst(view, state, clock, seconds, per_second=2000):
     for _ in range(int(seconds * per_second)):
         clock.t += 1 / per_second
         n += 1
-        state.apply(Progress(0, n, 100_000, "batch", 0, clock.t))
-        state.apply(Metrics(0, n, {"loss": 1.0 / n}, clock.t))
+        state.apply(progress(0, n, 100_000, "batch", 0, clock.t))
+        state.apply(metrics(0, n, {"loss": 1.0 / n}, clock.t))
         view.refresh(state)
 
 
@@ -86,7 +87,7 @@ def test_progress_line_without_bars_shows_the_step():
     state = RunState(world_size=1, local_ranks=[0])
     state.apply(Started(0.0, {0: 1}))
     assert progress_line(state) == ""
-    state.apply(Metrics(0, 41, {"loss": 0.25}, 3.0))
+    state.apply(metrics(0, 41, {"loss": 0.25}, 3.0))
     assert progress_line(state) == "step 41 · loss=0.25 · 3.0s"
     state.apply(Output(0, "stdout", ("x",), 3.0))
 

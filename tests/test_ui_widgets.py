@@ -6,7 +6,8 @@ import ipywidgets
 import pytest
 
 from notebook_launcher.errors import Failure
-from notebook_launcher.state import Finished, Metrics, Output, Progress, Ready, RunState, Started
+from notebook_launcher.state import (Finished, Output, RunState, Started)
+from events import ready, metrics, progress
 from notebook_launcher.ui.widgets import LOG_PANEL_LINES, PLOT_INTERVAL, WidgetsView
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +29,7 @@ def started(clock, title="2 CPU processes (gloo, fork)"):
     state.apply(Started(clock.t, {0: 11, 1: 12}))
     view.start(state)
     for rank in (0, 1):
-        state.apply(Ready(rank, clock.t))
+        state.apply(ready(rank, clock.t))
     return host, view, state
 
 
@@ -36,12 +37,12 @@ def train(view, state, clock, epochs=3, batches=100, tick=0.1):
     """Simulated training: one batch per tick, a report per batch, refresh per tick."""
     step = 0
     for epoch in range(epochs):
-        state.apply(Progress(0, epoch, epochs, "epoch", 0, clock.t))
+        state.apply(progress(0, epoch, epochs, "epoch", 0, clock.t))
         for batch in range(batches + 1):
-            state.apply(Progress(0, batch, batches, "batch", 1, clock.t))
+            state.apply(progress(0, batch, batches, "batch", 1, clock.t))
             if batch < batches:
-                state.apply(Metrics(0, step, {"loss": 2.0 / (step + 1), "lr": 0.01}, clock.t))
-                state.apply(Metrics(1, step, {}, clock.t))
+                state.apply(metrics(0, step, {"loss": 2.0 / (step + 1), "lr": 0.01}, clock.t))
+                state.apply(metrics(1, step, {}, clock.t))
                 step += 1
             clock.t += tick
             view.refresh(state)
@@ -123,9 +124,9 @@ def test_a_burst_of_reports_does_not_burst_widget_updates():
     for tick in range(20):                               # 2 s: 10,000 reports arrive per tick
         for i in range(10_000):
             step = tick * 10_000 + i
-            state.apply(Metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
+            state.apply(metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
             if i % 100 == 0:
-                state.apply(Progress(0, step // 100, 2_000, None, 0, clock.t))
+                state.apply(progress(0, step // 100, 2_000, None, 0, clock.t))
         clock.t += 0.1
         view.refresh(state)
     assert len(pngs) <= 3                                # at most one a second (plus the first)
@@ -154,7 +155,7 @@ def test_controls_redraw_the_plot():
     clock = Clock()
     host, view, state = started(clock)
     for step in range(50):
-        state.apply(Metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
+        state.apply(metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
     clock.t += 5.0
     view.refresh(state)
     renders = view.plot_renders
@@ -188,7 +189,7 @@ def test_a_run_shorter_than_the_plot_interval_still_shows_a_live_frame():
     hints = widget_changes(view.plot_hint.layout, "display")
     for step in range(30):                               # 0.3 s: a report every 10 ms, a refresh after each
         clock.t += 0.01
-        state.apply(Metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
+        state.apply(metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
         view.refresh(state)
         if step == 0:                                    # the first metric's refresh draws the first frame
             assert len(pngs) == 1 and bytes(pngs[0]).startswith(PNG_MAGIC)
@@ -206,7 +207,7 @@ def test_the_first_frames_one_off_cost_does_not_delay_the_second():
     host, view, state = started(clock)
     pngs = widget_changes(view.image, "value")
     for step in range(2):
-        state.apply(Metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
+        state.apply(metrics(0, step, {"loss": 1.0 / (step + 1)}, clock.t))
         view.refresh(state)
         clock.t += PLOT_INTERVAL
     assert len(pngs) == 2
@@ -222,6 +223,6 @@ def test_the_hint_goes_before_the_table_lists_a_metric():
     view.plot_hint.layout.observe(lambda change: sent.append(("hint", change["new"])), names="display")
     view.image.observe(lambda change: sent.append(("frame", len(change["new"]) > 0)), names="value")
     clock.t += 1.0                                       # the table's throttle lets it through
-    state.apply(Metrics(0, 0, {"loss": 1.0}, clock.t))
+    state.apply(metrics(0, 0, {"loss": 1.0}, clock.t))
     view.refresh(state)
     assert sent == [("hint", "none"), ("table lists loss", True), ("frame", True)]

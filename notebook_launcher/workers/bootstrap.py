@@ -377,12 +377,13 @@ def _finish_together() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":  # name the device, or NCCL guesses it and warns
-            import torch
+        with heartbeat.waiting_for_peers():  # done: never the rank a stall report blames
+            if dist.get_backend() == "nccl":  # name the device, or NCCL guesses it and warns
+                import torch
 
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
 
 
 def _destroy_process_group() -> None:

@@ -6,27 +6,53 @@ What counts as work, looked at from a thread of the rank's own (never from the n
 the rank may be on another machine):
 
 - **the main thread's Python stack moved**: sampled `SAMPLES` times a second, a frame or
-  instruction that changed between two samples. A loop around a C call (``a @ a``,
-  with the GIL released inside) returns to Python between calls and is seen at
-  different instructions.
-- **Python is computing**: the main thread used CPU time in the second *and* it held the
-  GIL (this thread, waking from a short sleep, mostly had to wait for it). A tight pure
-  Python loop sits on one instruction at every sample, but it keeps the GIL busy.
+  instruction that changed between two samples.
+- **it is computing**: the main thread used CPU time in the second, and either it held
+  the GIL (this thread, waking from a short sleep, mostly had to wait for it: a tight
+  pure Python loop, which sits on one instruction at every sample) or its stack moved
+  within the last `RECENT` seconds (a loop around one long C call, ``a @ a`` or
+  ``loss.backward()`` with the GIL released, is mostly sampled inside that call, but
+  now and then between two of them).
+
+- **it finished its function and waits for the others** in the launcher's final barrier
+  (`waiting_for_peers`): it is not the one that is stuck.
 
 What does not: a thread blocked in ``time.sleep`` or in a collective its peer never joins
-(no CPU, or CPU spent spinning in C with the GIL released, as a CUDA synchronize waiting
-for a stuck NCCL kernel does). Such a rank goes quiet, which is what stall detection sees.
+(no CPU), or spinning in one C call with the GIL released for more than `RECENT`
+seconds, as a CUDA synchronize waiting for a stuck NCCL kernel does. Such a rank goes
+quiet, which is what stall detection sees (`RECENT` seconds late at most).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
 
 INTERVAL = 1.0      # seconds between beats (at most)
-SAMPLES = 10        # looks at the main thread's stack per interval
+SAMPLES = 20        # looks at the main thread's stack per interval
+RECENT = 10.0       # seconds a stack movement keeps counting a busy CPU as work
 GIL_WAIT = 0.002    # a wake-up this much later than asked means the GIL was held by another thread
+
+
+_WAITING_FOR_PEERS = threading.Event()
+
+
+@contextlib.contextmanager
+def waiting_for_peers():
+    """Around the launcher's own wait for the other ranks: this rank beats meanwhile.
+
+    Example::
+
+        with waiting_for_peers():
+            dist.barrier()
+    """
+    _WAITING_FOR_PEERS.set()
+    try:
+        yield
+    finally:
+        _WAITING_FOR_PEERS.clear()
 
 
 def start(post) -> threading.Thread:
@@ -44,24 +70,34 @@ def start(post) -> threading.Thread:
 
 
 def _beat(post, main_ident: int, main_tid: int) -> None:
+    """One window of `INTERVAL` seconds (by the clock, however late this thread is woken
+    on a busy machine) after another: a beat as soon as the stack moves, else at the
+    window's end if the main thread was computing."""
     from ..channel import Heartbeat
 
-    last_stack, last_cpu = None, _thread_cpu(main_tid)
+    # A rank that just started is moving (its first sample has nothing to compare with).
+    last_stack, last_cpu, moved_at = None, _thread_cpu(main_tid), time.monotonic()
     nap = INTERVAL / SAMPLES
     while True:
-        moved, gil_held = False, 0
-        for _ in range(SAMPLES):
+        window_end, beaten, looks, gil_held = time.monotonic() + INTERVAL, False, 0, 0
+        while time.monotonic() < window_end:
             asked = time.perf_counter()
             time.sleep(nap)
+            looks += 1
             if time.perf_counter() - asked - nap > GIL_WAIT:
                 gil_held += 1
             stack = stack_signature(sys._current_frames().get(main_ident))
-            moved = moved or (last_stack is not None and stack != last_stack)
+            if last_stack is not None and stack != last_stack:
+                moved_at = time.monotonic()
+                if not beaten:
+                    post(Heartbeat(moved_at))
+                    beaten = True
             last_stack = stack
         cpu = _thread_cpu(main_tid)
-        computing = cpu is not None and last_cpu is not None and cpu > last_cpu and gil_held * 2 > SAMPLES
+        busy = cpu is not None and last_cpu is not None and cpu > last_cpu
         last_cpu = cpu
-        if moved or computing:
+        computing = busy and (gil_held * 2 > looks or time.monotonic() - moved_at < RECENT)
+        if not beaten and (computing or _WAITING_FOR_PEERS.is_set()):
             post(Heartbeat(time.monotonic()))
 
 

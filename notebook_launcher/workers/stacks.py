@@ -92,12 +92,16 @@ def tidy(dump: str) -> str:
 
 
 def with_source_lines(dump: str) -> str:
-    """Add the source line under each ``File "...", line N in f`` of a faulthandler dump."""
+    """Add the source line under each ``File "...", line N in f`` of a faulthandler dump
+    that has none yet (a dump tidied on a node gets its files' lines there, and the
+    notebook's cells' lines in the notebook)."""
     out = []
-    for line in dump.splitlines():
+    lines = dump.splitlines()
+    for index, line in enumerate(lines):
         out.append(line)
         match = _FRAME.match(line)
-        if match:
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        if match and not following.startswith(f"{match.group(1)}    "):
             source = linecache.getline(match["file"], int(match["line"])).strip()
             if source:
                 out.append(f"{match.group(1)}    {source}")

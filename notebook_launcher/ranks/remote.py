@@ -1,0 +1,176 @@
+"""The notebook's side of ranks run by node agents (`agent.NodeAgent`), whatever placed them.
+
+An engine (`ray_engine`, `slurm_engine`) provides the transport: how to call an agent's
+method (`_call`), how to take the agents' batches as they come (`_receive`), and how to
+release what it took (`_release`: actors and placement group, a Slurm job). This class
+does the rest, the same for every engine:
+
+- arrivals: each agent's `agent.AgentBatch` is unpacked into the raw `Chunk`s and
+  `Exit`s of the `base.RankGroup` interface (decoded there, as for local ranks);
+- liveness, by our own heartbeats: an agent answers a pull at least every
+  `agent.PULL_WAIT` seconds; one silent for `LOST_AFTER` seconds, or whose engine says it
+  died, has lost its node, and each of its live ranks gets an `Exit` that says so
+  (engines take 20-60 s to notice a dead node; a call must end within 10 s);
+- control: send, interrupt, stack dumps, kill, by the agent of the rank's node;
+- the end, on every path: ranks asked to leave are waited for (their last lines shown),
+  agents stop their ranks, then the engine releases what it took.
+"""
+
+from __future__ import annotations
+
+import abc
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..interrupts import interrupts_deferred
+from ..workers.stacks import with_source_lines
+from .agent import AgentBatch, NodeInfo
+from .base import Exit, Lines, RankGroup
+
+LOST_AFTER = 5.0       # seconds without a batch from an agent: its node is lost
+EXIT_GRACE = 10.0      # ranks ending by themselves (returned, or told to shut down): how long they may take
+CALL_TIMEOUT = 30.0    # seconds for an agent's control call (a lost node must not hang the notebook)
+
+
+@dataclass
+class Node:
+    """One node of the job, as the notebook knows it."""
+
+    index: int
+    info: NodeInfo
+    ranks: list
+    heard_at: float = 0.0        # notebook clock: when its agent last answered
+    lost: str = ""               # what happened to it, once it is lost
+
+    def label(self) -> str:
+        return f"node {self.index} ({self.info.hostname}, {self.info.address})"
+
+
+class RemoteRanks(RankGroup):
+    """Ranks on nodes, through their agents; see the module docstring."""
+
+    single_host = False
+
+    def __init__(self, nodes: list, last_words: Callable[[Lines], None]) -> None:
+        super().__init__([rank for node in nodes for rank in node.ranks])
+        self.nodes = nodes
+        self.last_words = last_words
+        self.pids: dict = {}
+        self._node_of = {rank: node for node in nodes for rank in node.ranks}
+        self._closed = False
+        now = time.monotonic()
+        for node in nodes:
+            node.heard_at = now
+
+    # ------------------------------------------------------------- engine hooks
+    @abc.abstractmethod
+    def _call(self, node: Node, method: str, *args, timeout: float = CALL_TIMEOUT):
+        """Call ``method(*args)`` on the node's agent and return its result."""
+
+    @abc.abstractmethod
+    def _receive(self, timeout: float) -> list:
+        """[(node, AgentBatch or the exception that ended its agent)] within ``timeout``;
+        each live agent is pulled continually."""
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Free what the engine took for this group (actors, placement group, job)."""
+
+    # ------------------------------------------------------------- arrivals
+    def _wait_raw(self, timeout: float) -> list:
+        if self._closed:
+            return []
+        out: list = []
+        for node, batch in self._receive(timeout):
+            if isinstance(batch, AgentBatch):
+                node.heard_at = time.monotonic()
+                self.pids.update(batch.pids)
+                out.extend(batch.items)
+            elif not node.lost:
+                out.extend(self._lose(node, f"its agent died ({_one_line(batch)})"))
+        now = time.monotonic()
+        for node in self.nodes:
+            if not node.lost and now - node.heard_at > LOST_AFTER:
+                out.extend(self._lose(node, f"its agent stopped answering for {LOST_AFTER:g} s"))
+        return out
+
+    def _lose(self, node: Node, why: str) -> list:
+        node.lost = why
+        gone = f"lost with {node.label()}: {why}"
+        return [Exit(rank, -9, gone) for rank in node.ranks if rank not in self.exitcodes]
+
+    # ------------------------------------------------------------- control
+    def send(self, ranks: list, frame: bytes) -> None:
+        for node, mine in self._by_node(ranks):
+            self._call(node, "send", mine, frame)
+
+    def interrupt(self, ranks: list) -> None:
+        for node, mine in self._by_node(ranks):
+            self._quietly(node, "interrupt", mine)
+
+    def dump_stacks(self, rank: int, timeout: float = 1.0) -> str:
+        node = self._node_of[rank]
+        if node.lost:
+            return f"(no stack: {node.lost})"
+        try:
+            return with_source_lines(self._call(node, "dump_stacks", rank, timeout, timeout=timeout + 5))
+        except Exception as exc:
+            return f"(no stack: {_one_line(exc)})"
+
+    def kill(self, ranks: list) -> None:
+        for node, mine in self._by_node(ranks):
+            self._quietly(node, "kill", mine)
+
+    def label(self, rank: int) -> str:
+        return f"{self.where(rank)} pid {self.pid(rank)}"
+
+    def where(self, rank: int) -> str:
+        return self._node_of[rank].label()
+
+    def pid(self, rank: int) -> Optional[int]:
+        return self.pids.get(rank)
+
+    def node_ids(self) -> dict:
+        """rank -> the engine's id of the node it runs on."""
+        return {rank: node.info.node_id for rank, node in self._node_of.items()}
+
+    def _by_node(self, ranks: list) -> list:
+        return [(node, [r for r in node.ranks if r in ranks]) for node in self.nodes
+                if not node.lost and any(r in ranks for r in node.ranks)]
+
+    def _quietly(self, node: Node, method: str, *args) -> None:
+        try:
+            self._call(node, method, *args, timeout=5.0)
+        except Exception as exc:  # a node on its way out: its ranks go with it
+            print(f"notebook_launcher: {node.label()}: {method} failed: {_one_line(exc)}", file=sys.stderr)
+
+    # ------------------------------------------------------------- the end
+    def close(self, graceful: bool, term_grace: float) -> None:
+        if self._closed:
+            return
+        steps = [lambda: graceful and self._wait_for_exits(EXIT_GRACE)]
+        steps += [lambda node=node: node.lost or self._call(node, "close", False, term_grace,
+                                                            timeout=term_grace + 10) for node in self.nodes]
+        steps += [self._release]
+        with interrupts_deferred():
+            for step in steps:
+                try:
+                    step()
+                except Exception as exc:  # report, but never hide the run's own outcome
+                    print(f"notebook_launcher: teardown step failed: {_one_line(exc)}", file=sys.stderr)
+            self._closed = True
+
+    def _wait_for_exits(self, timeout: float) -> None:
+        """Ranks ending by themselves: their last lines are shown as they come."""
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            for arrival in self.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+                if isinstance(arrival, Lines):
+                    self.last_words(arrival)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
