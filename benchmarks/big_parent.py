@@ -15,10 +15,10 @@ and, as the reference, ``os.fork`` and ours from a host that imported only torch
 Lightning column there: importing it would make that parent the bigger one). Every
 host is a plain Python process and, with ``--where kernel``, a real Jupyter kernel.
 
-With ``--poll-exits``, one more column, ``ours, exits polled``: ours with the change to
-``launcher._wait_for_exits`` that `profile_launch.poll_exits_when_pipes_closed` proposes
-(poll a rank's exit every 1 ms once its pipes have closed, not every 50 ms), swapped in
-for that call only.
+With ``--wait-while-closing``, one more column, ``ours, exit wait fixed``: ours with the
+change to ``ranks/local.py`` that `profile_launch.wait_while_closing` proposes (while the
+group closes, wait on the exiting ranks' pipes and sentinels instead of sleeping 50 ms),
+swapped in for that call only.
 
 Times are seconds from just before the call (`launch_latency.measure`): "whole call" to
 its return, "all ranks in fn" to the last rank inside the function with its process
@@ -31,7 +31,7 @@ ratios of medians. Target (issue 18): in the bigger parent, ours' whole call at 
 
     python benchmarks/big_parent.py                   # 20 samples, 2 warm-up rounds, plain and kernel
     python benchmarks/big_parent.py --samples 32 --where plain -v
-    python benchmarks/big_parent.py --poll-exits      # and the proposed change to launcher.py
+    python benchmarks/big_parent.py --wait-while-closing   # and the proposed change to ranks/local.py
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ PARENTS = {
 # parent -> the contenders launched from it (our column is ours-fork)
 CONTENDERS = {"torch": ("os.fork", "ours-fork"), "+lightning+accelerate": ("os.fork", "lightning", "ours-fork")}
 COLUMNS = ("os.fork", "lightning", "ours-fork")
-POLLED = "ours, exits polled"   # the --poll-exits experiment
+FIXED = "ours, exit wait fixed"   # the --wait-while-closing experiment
 TARGET_VS_FLOOR = 1.2   # issue 18: ours' whole call in the bigger parent, at most this times the floor's
 METRICS = (("call", "whole call"), ("ready", "all ranks in fn"), ("faults", "rank 0 page faults"))
 
@@ -72,19 +72,19 @@ def setup_code(parent: str) -> str:
                       "from benchmarks import big_parent as _b_big", "_bench_emit({'modules': len(_sys.modules)})"])
 
 
-def measure_polling_exits(fn, nproc: int) -> dict:
-    """Runs in a host: `launch_latency.measure` of ours with the proposed `_wait_for_exits`
-    (see the module docstring), put back after the call."""
-    from notebook_launcher import launcher
+def measure_fixed_exit_wait(fn, nproc: int) -> dict:
+    """Runs in a host: `launch_latency.measure` of ours with the proposed change (see the
+    module docstring), put back after the call."""
+    from notebook_launcher.ranks import local
 
     from . import launch_latency, profile_launch
 
-    original = launcher._wait_for_exits
-    profile_launch.poll_exits_when_pipes_closed()
+    original = local.LocalRanks._wait_raw
+    profile_launch.wait_while_closing()
     try:
         return launch_latency.measure("ours-fork", fn, nproc)
     finally:
-        launcher._wait_for_exits = original
+        local.LocalRanks._wait_raw = original
 
 
 def rank_faults(out_dir, init):
@@ -116,8 +116,8 @@ def measure_faults(name: str, nproc: int) -> dict:
 def _code(name: str, kind: str) -> str:
     if kind == "faults":
         return f"_bench_emit(_b_big.measure_faults({name!r}, {NPROC}))"
-    if name == POLLED:
-        return f"_bench_emit(_b_big.measure_polling_exits(trivial, {NPROC}))"
+    if name == FIXED:
+        return f"_bench_emit(_b_big.measure_fixed_exit_wait(trivial, {NPROC}))"
     return f"_bench_emit(_b_launch.measure({name!r}, trivial, {NPROC}))"
 
 
@@ -163,10 +163,10 @@ def close_hosts(hosts: dict) -> None:
 
 
 def run(hosts: dict, samples: int, warmup: int, seed: int, timeout: float, verbose: bool,
-        poll_exits: bool = False) -> dict:
+        fix_exit_wait: bool = False) -> dict:
     """{(where, parent, contender): [{"call": s, "ready": s}, {"faults": n} or {"error": text}, ...]}:
     per round, a timed launch of each contender and one more that counts its page faults."""
-    extra = (POLLED,) if poll_exits else ()
+    extra = (FIXED,) if fix_exit_wait else ()
     order = [(where, parent, name, "time") for (where, parent) in hosts for name in (*CONTENDERS[parent], *extra)]
     order += [(where, parent, name, "faults") for (where, parent) in hosts for name in CONTENDERS[parent]]
     rng = random.Random(seed)
@@ -194,11 +194,11 @@ def median(results: dict, key: tuple, metric: str):
     return statistics.median(values) if values else None
 
 
-def render(results: dict, modules: dict, wheres: list, poll_exits: bool = False) -> tuple:
+def render(results: dict, modules: dict, wheres: list, fix_exit_wait: bool = False) -> tuple:
     """(table lines, [(target name, verdict)])."""
-    extra = (POLLED,) if poll_exits else ()
+    extra = (FIXED,) if fix_exit_wait else ()
     header = ["where", "parent", "modules", "measure", *COLUMNS, *extra, "ours/floor", "ours/lightning",
-              *(["polled/floor"] if poll_exits else []), "target"]
+              *(["fixed/floor"] if fix_exit_wait else []), "target"]
     rows, targets = [], []
     for where in wheres:
         for parent in PARENTS:
@@ -212,11 +212,11 @@ def render(results: dict, modules: dict, wheres: list, poll_exits: bool = False)
                 if metric == "call" and parent != "torch":
                     verdict = _verdict(floor, peer)
                     targets.append((f"{where}, {parent}", verdict))
-                polled = [table._x(table._ratio(value[POLLED], value["os.fork"]))] if poll_exits else []
+                fixed = [table._x(table._ratio(value[FIXED], value["os.fork"]))] if fix_exit_wait else []
                 number = (lambda v: "-" if v is None else f"{v:.0f}") if metric == "faults" else table._num
                 rows.append([where, parent, str(modules[(where, parent)]), label,
                              *[number(value[name]) for name in (*COLUMNS, *extra)], table._x(floor),
-                             table._x(peer), *polled, verdict])
+                             table._x(peer), *fixed, verdict])
     return table._grid(header, rows), targets
 
 
@@ -235,9 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--where", default=",".join(WHERES), help="plain, kernel or both")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per launch (and per host setup)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--poll-exits", action="store_true",
-                        help="experiment: also ours with the proposed launcher._wait_for_exits (column "
-                             f"{POLLED!r})")
+    parser.add_argument("--wait-while-closing", action="store_true",
+                        help=f"experiment: also ours with the proposed change to ranks/local.py (column {FIXED!r})")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every sample as it is taken")
     args = parser.parse_args(argv)
     wheres = [w for w in WHERES if w in args.where.split(",")]
@@ -247,11 +246,11 @@ def main(argv=None) -> int:
 
     hosts, modules = start_hosts(wheres, args.timeout)
     try:
-        results = run(hosts, args.samples, args.warmup, args.seed, args.timeout, args.verbose, args.poll_exits)
+        results = run(hosts, args.samples, args.warmup, args.seed, args.timeout, args.verbose, args.wait_while_closing)
     finally:
         close_hosts(hosts)
     left = leftover_processes()
-    lines, targets = render(results, modules, wheres, args.poll_exits)
+    lines, targets = render(results, modules, wheres, args.wait_while_closing)
     print(f"Machine: {machine()}")
     print(f"Launch of a trivial function from a bigger parent, {NPROC} CPU ranks (gloo); seconds from the call, "
           f"median of {args.samples} rounds after {args.warmup} warm-up rounds; cases shuffled in each round; "

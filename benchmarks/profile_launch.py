@@ -32,11 +32,11 @@ _DIR = {"path": None}
 STEPS = [
     ("notebook_launcher.api", "resolve", "parent: resolve config", "parent"),
     ("notebook_launcher.api", "make_view", "parent: make view", "parent"),
-    ("notebook_launcher.launcher", "rendezvous.host_store", "parent: TCPStore server", "parent"),
+    ("notebook_launcher.ranks", "rendezvous.host_store", "parent: TCPStore server", "parent"),
     ("notebook_launcher.workers.processes", "WorkerPipes.open", "parent: open pipes (each)", "parent"),
     ("notebook_launcher.workers.preload", "before_fork", "parent: preload decision", "parent"),
     ("notebook_launcher.workers.noninteractive", "before_fork", "parent: modules holding Lightning's flag", "parent"),
-    ("notebook_launcher.launcher", "start_workers", "parent: start all workers", "parent"),
+    ("notebook_launcher.ranks.local", "start_workers", "parent: start all workers", "parent"),
     ("multiprocess.process", "BaseProcess.start", "parent: Process.start (each)", "parent"),
     ("os", "fork", "parent: os.fork syscall (each)", "parent"),
     ("notebook_launcher.monitor", "Supervisor.run", "parent: supervisor loop", "parent"),
@@ -58,14 +58,13 @@ STEPS = [
     ("notebook_launcher.workers.bootstrap", "_destroy_process_group", "worker: destroy group", "worker"),
     ("notebook_launcher.channel", "WorkerChannel.close", "worker: channel close", "worker"),
     ("notebook_launcher.workers.bootstrap", "_flush_std_streams", "worker: final flush (-> _exit)", "worker"),
-    ("notebook_launcher.monitor", "Supervisor._on_exit", "parent: sees a worker exit (each)", "parent"),
+    ("notebook_launcher.ranks.local", "LocalRanks._on_exit", "parent: sees a worker exit (each)", "parent"),
     ("notebook_launcher.workers.bootstrap", "_report_error", "worker: report its error", "worker"),
-    ("notebook_launcher.monitor", "Supervisor._failure_seen", "parent: records a failure (each)", "parent"),
-    ("notebook_launcher.launcher", "_fill_exitcodes", "parent: wait for the root rank's exit", "parent"),
+    ("notebook_launcher.monitor", "Verdict.failed", "parent: records a failure (each)", "parent"),
     ("notebook_launcher.launcher", "collect", "parent: unpickle result", "parent"),
-    ("notebook_launcher.launcher", "teardown", "parent: teardown", "parent"),
-    ("notebook_launcher.launcher", "_wait_for_exits", "parent: wait for ranks to exit", "parent"),
-    ("notebook_launcher.launcher", "stop_workers", "parent: stop/reap workers", "parent"),
+    ("notebook_launcher.ranks.local", "LocalRanks.close", "parent: teardown", "parent"),
+    ("notebook_launcher.ranks.local", "LocalRanks._wait_for_exits", "parent: wait for ranks to exit", "parent"),
+    ("notebook_launcher.ranks.local", "stop_workers", "parent: stop/reap workers", "parent"),
 ]
 
 
@@ -133,36 +132,25 @@ def _decide_when_all_exited() -> None:
     monitor.Supervisor._decided = decided
 
 
-def poll_exits_when_pipes_closed() -> None:
-    """Experiment for a proposed change in launcher.py: `_wait_for_exits` sleeps up to 50 ms
-    in a select() on no pipe at all once every rank's pipes have closed, although a rank
-    whose pipes closed is in its last microseconds. Here it polls every millisecond then
-    (as the os.fork floor's reaping does). The function is launcher's own, with that one change."""
-    import selectors
+def wait_while_closing() -> None:
+    """Experiment for a proposed change in ranks/local.py: `LocalRanks.close` marks the group
+    closed before its first step, `_wait_for_exits`, and `_wait_raw` answers a closed group
+    with a 50 ms sleep instead of a select() on the ranks' pipes and sentinels: every
+    one-shot launch waits those 50 ms for ranks that exit in a few. Here `_wait_raw` selects
+    until the selector itself is closed (a later step of `close`)."""
+    from notebook_launcher.ranks import local
 
-    from notebook_launcher import launcher
+    original = getattr(local.LocalRanks._wait_raw, "__wrapped_original__", local.LocalRanks._wait_raw)
 
-    def wait_for_exits(ranks, timeout: float) -> None:
-        view = launcher.View(ranks.config.line_prefix)
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as selector:
-            for io in ranks.io:
-                if io.handle.poll() is None:
-                    for what, fd in io.fds().items():
-                        if fd not in io.handle.closed:
-                            selector.register(fd, selectors.EVENT_READ, (io, what))
-            while any(h.poll() is None for h in ranks.handles) and time.monotonic() < deadline:
-                interval = 0.05 if selector.get_map() else 0.001   # the change
-                for key, _ in selector.select(min(interval, max(0.0, deadline - time.monotonic()))):
-                    launcher._show_last_words(selector, key, view)
-                for handle in ranks.handles:
-                    handle.process.join(timeout=0)
-        for handle in ranks.handles:
-            if handle.poll() is None:
-                print(f"notebook_launcher: rank {handle.rank} did not exit within {timeout:g}s: stopping it",
-                      file=sys.stderr)
+    def wait_raw(self, timeout: float) -> list:
+        closed, self._closed = self._closed, False   # as if _wait_raw tested only the selector
+        try:
+            return original(self, timeout)
+        finally:
+            self._closed = closed
 
-    launcher._wait_for_exits = _wrap("parent: wait for ranks to exit", wait_for_exits)
+    wait_raw.__wrapped_original__ = original
+    local.LocalRanks._wait_raw = wait_raw
 
 
 def big_result(out_dir, megabytes=100):
@@ -245,8 +233,9 @@ def main(argv=None) -> int:
                         help="experiment: start the TCPStore server after forking (see fork_race.py)")
     parser.add_argument("--decide-early", action="store_true",
                         help="experiment: end the failure window once every rank has exited")
-    parser.add_argument("--poll-exits", action="store_true",
-                        help="experiment: once a rank's pipes closed, poll its exit every 1 ms, not 50 ms")
+    parser.add_argument("--wait-while-closing", action="store_true",
+                        help="experiment: ranks/local.py selects on the exiting ranks while it closes, "
+                             "instead of sleeping 50 ms")
     parser.add_argument("--parent-imports", default="",
                         help="modules the launching process imports first, comma-separated (a bigger "
                              "parent: e.g. lightning.pytorch,accelerate, as a notebook using them has)")
@@ -255,8 +244,8 @@ def main(argv=None) -> int:
     missing = instrument()
     if args.decide_early:
         _decide_when_all_exited()
-    if args.poll_exits:
-        poll_exits_when_pipes_closed()
+    if args.wait_while_closing:
+        wait_while_closing()
     if args.store_after_fork:
         from benchmarks.fork_race import store_after_fork
 
