@@ -144,8 +144,9 @@ class LoadsSlowlyOnRank1:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "bug: an interrupted push leaves the value on the ranks that finished it and not on the others "
-    "(session.py _supervise: nothing undoes Push on the ranks that completed it); the session stays IDLE"))
+    "bug: an interrupted push leaves the value on the ranks that finished it and not on the others; "
+    "the session stays IDLE (Session.push -> calls.run_call: on KeyboardInterrupt nothing undoes the Push on "
+    "the ranks that completed it)"))
 def test_an_interrupted_push_binds_the_value_on_every_rank_or_on_none(tmp_path):
     """Rank 0 has bound the value, rank 1 is still unpickling it, when Interrupt is pressed."""
     with Session(2, device="cpu", display="none") as session:
