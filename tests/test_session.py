@@ -151,7 +151,13 @@ def test_an_interrupted_push_binds_the_value_on_every_rank_or_on_none(tmp_path):
     """Rank 0 has bound the value, rank 1 is still unpickling it, when Interrupt is pressed."""
     with Session(2, device="cpu", display="none") as session:
         marker0, marker1 = tmp_path / "rank0", tmp_path / "rank1"
-        watcher = interrupt_when(lambda: marker0.exists() and marker1.exists())
+        both_loading = []                                  # when both ranks were seen unpickling
+        def rank_0_is_done():
+            if not both_loading and marker0.exists() and marker1.exists():
+                both_loading.append(time.monotonic())
+            # rank 0 needs milliseconds from its marker to its result; rank 1 sleeps 30 s
+            return bool(both_loading) and time.monotonic() - both_loading[0] > 1.0
+        watcher = interrupt_when(rank_0_is_done)
         with pytest.raises(KeyboardInterrupt):
             session.push(slow=LoadsSlowlyOnRank1(42, str(tmp_path)))
             time.sleep(60)
