@@ -76,9 +76,11 @@ class Verdict:
     ``task_id`` 0 is a session's start, where a rank has finished when it is ready.
     """
 
-    def __init__(self, ranks: list, persistent: bool, clock=time.monotonic) -> None:
+    def __init__(self, ranks: list, persistent: bool, clock=time.monotonic,
+                 secondary_window: float = FAILURE_WINDOW) -> None:
         self.ranks = list(ranks)
         self.persistent = persistent
+        self.secondary_window = secondary_window   # a "lost my peer" error waits this long for the real one
         self.clock = clock
         self.finished: set = set()
         self.gone: set = set()                       # exited or lost
@@ -103,7 +105,7 @@ class Verdict:
         waits a moment longer for the failure that caused it; a session's ranks get
         `PEER_GRACE` to end the task themselves."""
         self.failures.setdefault(failure.rank, failure)
-        window = FAILURE_WINDOW if failure.secondary else PRIMARY_WINDOW
+        window = self.secondary_window if failure.secondary else PRIMARY_WINDOW
         if self.persistent:
             window = max(window, PEER_GRACE)
         self.decide_now(now + window)
@@ -186,7 +188,7 @@ class Supervisor:
         self.stall = stall
         self.stop = stop
         self.sinks = sinks
-        self.verdict = Verdict(self.targets, persistent, clock)
+        self.verdict = Verdict(self.targets, persistent, clock, max(FAILURE_WINDOW, group.lost_peer_wait))
         self._closed = False
 
     @property
@@ -348,15 +350,15 @@ class StallWatch:
             self._reported.discard(rank)
 
     def stuck(self, now: float, live: set) -> list:
-        """Ranks quiet for the whole timeout; once one is, also those quiet for nearly as
-        long (a heartbeat comes at most once a second, so ranks that went quiet together
-        cross the line up to a second apart: they are reported together)."""
+        """Ranks quiet for the whole timeout; once one is, also those quiet for half of it
+        (ranks that went quiet together cross the line up to a heartbeat or two apart: they
+        are reported together, so the report shows who waits for whom)."""
         def quiet(limit: float) -> list:
             return [r for r, t in self._last.items() if r in live and r not in self._reported and now - t >= limit]
 
         if not quiet(self.timeout):
             return []
-        stuck = quiet(max(self.timeout - HEARTBEAT_GRANULARITY, self.timeout / 2))
+        stuck = quiet(min(self.timeout - HEARTBEAT_GRANULARITY, self.timeout / 2))
         self._reported.update(stuck)
         return sorted(stuck)
 

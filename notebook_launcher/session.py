@@ -214,7 +214,9 @@ class Session:
 
     @property
     def ranks(self) -> list:
-        """The global ranks of this session, e.g. ``[0, 1]``."""
+        """The global ranks of this session, e.g. ``[0, 1]`` (on a cluster: every node's)."""
+        if self.config.cluster is not None:
+            return list(range(self.config.world_size))
         return list(range(self.config.first_rank, self.config.first_rank + self.config.nproc))
 
     @property

@@ -49,7 +49,7 @@ def test_a_stall_report_shows_user_frames_and_leaves_out_a_rank_that_finished():
 
 
 def test_a_session_stall_names_the_cell_line_and_no_frame_of_ours():
-    with Session(2, device="cpu", display="none", stall_timeout=2, on_stall="raise") as session:
+    with Session(2, device="cpu", display="none", stall_timeout=3, on_stall="raise") as session:
         with pytest.raises(WorkerError) as caught:
             session.execute("import time\nif rank == 1:\n    time.sleep(60)\nelse:\n"
                             "    dist.all_reduce(torch.ones(1))\n")

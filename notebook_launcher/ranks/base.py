@@ -134,10 +134,13 @@ class RankGroup(abc.ABC):
     ``ranks``: the global ranks it holds (this node's for a local multi-machine job).
     ``single_host``: whether every rank runs on this machine, so that their clocks can be
     compared (a root cause is never decided by comparing clocks of different machines).
+    ``lost_peer_wait``: when a rank reports that it lost its peer, how long the real cause
+    (a rank's error, a process exit, a lost node) may take to reach the notebook.
     """
 
     ranks: list
     single_host: bool = True
+    lost_peer_wait: float = 0.0   # after a rank lost its peer, how long the real cause may take to show
 
     def __init__(self, ranks: list) -> None:
         self.ranks = list(ranks)

@@ -103,7 +103,7 @@ class LocalRanks(RankGroup):
 
     # ------------------------------------------------------------- reading
     def _wait_raw(self, timeout: float) -> list:
-        if self._closed or not self._selector.get_map():
+        if not self._selector.get_map():   # nothing left to watch, or closed (the map is None then)
             if timeout > 0:
                 time.sleep(min(timeout, 0.05))
             return []

@@ -136,7 +136,7 @@ class RayRanks(RemoteRanks):
         super().__init__(nodes, last_words)
         self.actors = actors
         self.placement = placement
-        self._pulls: dict = {}    # object ref -> node, one outstanding pull per live agent
+        self._pulls: dict = {}    # object ref -> (node, when it was sent): one outstanding pull per live agent
 
     @classmethod
     def start(cls, config, attempt: int, *, persistent: bool, first_request=None, last_words=None) -> "RayRanks":
@@ -180,15 +180,8 @@ class RayRanks(RemoteRanks):
 
     def _receive(self, timeout: float) -> list:
         import ray
-        from ray.exceptions import GetTimeoutError
 
-        live = {node.index for node in self.nodes if not node.lost}
-        self._pulls = {ref: node for ref, node in self._pulls.items() if node.index in live}
-        pulled = {node.index for node in self._pulls.values()}
-        for node in self.nodes:
-            if node.index in live and node.index not in pulled:
-                ref = self.actors[node.index].pull.options(concurrency_group="uplink").remote(PULL_WAIT)
-                self._pulls[ref] = node
+        self._pull_every_live_agent()
         if not self._pulls:
             time.sleep(min(timeout, 0.05))
             return []
@@ -197,14 +190,33 @@ class RayRanks(RemoteRanks):
             ready, _ = ray.wait(list(self._pulls), num_returns=len(self._pulls), timeout=0)
         out = []
         for ref in ready:
-            node = self._pulls.pop(ref)
+            node, _ = self._pulls.pop(ref)
             try:
                 out.append((node, ray.get(ref, timeout=1.0)))
-            except GetTimeoutError:
-                self._pulls[ref] = node
+            except ray.exceptions.GetTimeoutError:
+                self._pulls[ref] = (node, time.monotonic())
             except Exception as exc:  # the actor died (its node, or Ray killed it)
                 out.append((node, exc))
+        self._note_silences()
         return out
+
+    def _pull_every_live_agent(self) -> None:
+        live = {node.index for node in self.nodes if not node.lost}
+        self._pulls = {ref: (node, sent) for ref, (node, sent) in self._pulls.items() if node.index in live}
+        pulled = {node.index for node, _ in self._pulls.values()}
+        for node in self.nodes:
+            if node.index in live and node.index not in pulled:
+                ref = self.actors[node.index].pull.options(concurrency_group="uplink").remote(PULL_WAIT)
+                self._pulls[ref] = (node, time.monotonic())
+
+    def _note_silences(self) -> None:
+        """A pull that has an answer (fetched or not) is no silence; one without, since it was sent."""
+        import ray
+
+        answered, _ = ray.wait(list(self._pulls), num_returns=len(self._pulls), timeout=0, fetch_local=False)
+        answered = set(answered)
+        for ref, (node, sent) in self._pulls.items():
+            node.silent_since = None if ref in answered else sent
 
     def _release(self) -> None:
         import ray

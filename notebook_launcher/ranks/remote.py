@@ -7,10 +7,12 @@ does the rest, the same for every engine:
 
 - arrivals: each agent's `agent.AgentBatch` is unpacked into the raw `Chunk`s and
   `Exit`s of the `base.RankGroup` interface (decoded there, as for local ranks);
-- liveness, by our own heartbeats: an agent answers a pull at least every
-  `agent.PULL_WAIT` seconds; one silent for `LOST_AFTER` seconds, or whose engine says it
-  died, has lost its node, and each of its live ranks gets an `Exit` that says so
-  (engines take 20-60 s to notice a dead node; a call must end within 10 s);
+- liveness, by our own heartbeats: an agent answers a pull within `agent.PULL_WAIT`
+  seconds; one that leaves a pull unanswered for `LOST_AFTER` seconds (the engine says
+  since when: `Node.silent_since`; an idle session reads no pull, and that is no
+  silence), or whose engine says it died, has lost its node, and each of its live ranks
+  gets an `Exit` that says so (engines take 20-60 s to notice a dead node; a call must
+  end within 10 s);
 - control: send, interrupt, stack dumps, kill, by the agent of the rank's node;
 - the end, on every path: ranks asked to leave are waited for (their last lines shown),
   agents stop their ranks, then the engine releases what it took.
@@ -41,7 +43,7 @@ class Node:
     index: int
     info: NodeInfo
     ranks: list
-    heard_at: float = 0.0        # notebook clock: when its agent last answered
+    silent_since: Optional[float] = None   # notebook clock: when the pull it has not answered yet was sent
     lost: str = ""               # what happened to it, once it is lost
 
     def label(self) -> str:
@@ -52,6 +54,7 @@ class RemoteRanks(RankGroup):
     """Ranks on nodes, through their agents; see the module docstring."""
 
     single_host = False
+    lost_peer_wait = LOST_AFTER + 1.0   # a dead node is known only after LOST_AFTER of silence
 
     def __init__(self, nodes: list, last_words: Callable[[Lines], None]) -> None:
         super().__init__([rank for node in nodes for rank in node.ranks])
@@ -60,9 +63,6 @@ class RemoteRanks(RankGroup):
         self.pids: dict = {}
         self._node_of = {rank: node for node in nodes for rank in node.ranks}
         self._closed = False
-        now = time.monotonic()
-        for node in nodes:
-            node.heard_at = now
 
     # ------------------------------------------------------------- engine hooks
     @abc.abstractmethod
@@ -72,7 +72,7 @@ class RemoteRanks(RankGroup):
     @abc.abstractmethod
     def _receive(self, timeout: float) -> list:
         """[(node, AgentBatch or the exception that ended its agent)] within ``timeout``;
-        each live agent is pulled continually."""
+        each live agent is pulled continually, and each node's ``silent_since`` kept."""
 
     @abc.abstractmethod
     def _release(self) -> None:
@@ -85,14 +85,13 @@ class RemoteRanks(RankGroup):
         out: list = []
         for node, batch in self._receive(timeout):
             if isinstance(batch, AgentBatch):
-                node.heard_at = time.monotonic()
                 self.pids.update(batch.pids)
                 out.extend(batch.items)
             elif not node.lost:
                 out.extend(self._lose(node, f"its agent died ({_one_line(batch)})"))
         now = time.monotonic()
         for node in self.nodes:
-            if not node.lost and now - node.heard_at > LOST_AFTER:
+            if not node.lost and node.silent_since is not None and now - node.silent_since > LOST_AFTER:
                 out.extend(self._lose(node, f"its agent stopped answering for {LOST_AFTER:g} s"))
         return out
 

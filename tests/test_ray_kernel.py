@@ -1,0 +1,258 @@
+"""Ranks on a real Ray cluster, from a real kernel: `cluster="ray"`.
+
+One local Ray cluster for the module (`ray.cluster_utils.Cluster`: a head and a second
+node, 1 CPU each, no dashboard, a small object store), with token authentication on
+(Ray 2.60's default for local clusters, made explicit here with a token of the test's
+own); the kernel connects with that token. After every test nothing of ours is left:
+no live actor of ours, no placement group that is not removed, no rank process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytest.importorskip("ray")
+
+from kernel_harness import Kernel, wait_pids_gone  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class LocalRay:
+    """The module's cluster: a process of its own (`ray_cluster_process.py`), stopped by its PID."""
+
+    def __init__(self, env: dict) -> None:
+        self.env = env
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "ray_cluster_process.py")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.address = self._expect("ADDRESS", timeout=300).split()[1]
+
+    def remove_worker(self) -> None:
+        self.process.stdin.write("remove-worker\n")
+        self.process.stdin.flush()
+        self._expect("REMOVED", timeout=60)
+
+    def _expect(self, word: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line and self.process.poll() is not None:
+                break
+            if line.startswith(word):
+                return line.strip()
+        raise AssertionError(f"the Ray cluster process did not say {word}")
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))   # for the kernels started here
+    started = LocalRay(env)
+    try:
+        yield started
+    finally:
+        started.stop()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def kernel(cluster):
+    startup = textwrap.dedent(f"""
+        import os, time
+        import ray, torch, torch.distributed as dist
+        from notebook_launcher import notebook_launcher, RayCluster, WorkerError
+        ray.init(address={cluster.address!r}, log_to_driver=False)
+        %load_ext notebook_launcher
+    """)
+    with Kernel(startup=startup, timeout=180) as k:
+        yield k
+
+
+def cell(kernel: Kernel, code: str, timeout: float = 240):
+    return kernel.run(textwrap.dedent(code), timeout=timeout)
+
+
+def ours_left(kernel: Kernel) -> str:
+    """What the kernel's Ray still holds of ours: live RayAgent actors, placement groups not removed."""
+    result = cell(kernel, """
+        import ray._private.state as _state
+        _actors = [a for a in _state.state.actor_table(None).values()
+                   if a.get("ActorClassName", "").endswith("RayAgent") and a.get("State") != "DEAD"]
+        _groups = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+        print("LEFT", len(_actors), len(_groups))
+    """)
+    return re.search(r"LEFT \d+ \d+", result.stdout).group(0) if "LEFT" in result.stdout else result.text
+
+
+def assert_nothing_left(kernel: Kernel, pids=()) -> None:
+    deadline = time.monotonic() + 15
+    while (left := ours_left(kernel)) != "LEFT 0 0" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == "LEFT 0 0", left
+    assert wait_pids_gone(pids, timeout=5) == [], "rank processes left behind"
+
+
+def pids_in(text: str) -> list:
+    return [int(p) for p in re.findall(r"PID (\d+)", text)]
+
+
+def connects(address: str, env: dict) -> bool:
+    code = "import ray, sys; ray.init(address=sys.argv[1]); print(ray.cluster_resources()['CPU']); ray.shutdown()"
+    probe = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True,
+                           timeout=120)
+    return probe.returncode == 0 and probe.stdout.strip().endswith("2.0")
+
+
+def test_token_authentication_is_on(cluster, tmp_path):
+    """A process with another token is refused; one with the cluster's token connects."""
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    assert not connects(cluster.address, {**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)})
+    assert connects(cluster.address, cluster.env)
+
+
+def test_a_two_node_launch_returns_rank_0s_value_and_runs_on_two_ray_nodes(kernel):
+    result = cell(kernel, """
+        def total(x):
+            t = torch.tensor([float(x * (dist.get_rank() + 1))])
+            dist.all_reduce(t)
+            print("PID", os.getpid(), flush=True)
+            return t.item(), os.environ["NOTEBOOK_LAUNCHER_NODE_ID"], dist.get_world_size()
+        value = notebook_launcher(total, args=(10,), num_processes=1, num_nodes=2, cluster="ray", display="text")
+        every = notebook_launcher(total, args=(1,), num_processes=1, num_nodes=2, cluster="ray", display="none",
+                                  return_all=True)
+        print("VALUE", value[0], value[2], "NODES", len({node for _, node, _ in every}))
+    """)
+    assert result.status == "ok", result.traceback + result.stderr
+    assert "VALUE 30.0 2 NODES 2" in result.stdout, result.text
+    assert "Launching on 1 CPU process on each of 2 Ray nodes (gloo, spawn)" in result.stdout
+    assert_nothing_left(kernel, pids_in(result.stdout))
+
+
+def test_an_error_on_rank_1_names_the_rank_its_node_and_its_traceback(kernel):
+    result = cell(kernel, """
+        def fails_on_rank_1():
+            print("PID", os.getpid(), flush=True)
+            if dist.get_rank() == 1:
+                raise ValueError("bad shard on rank 1")   # the cell's own line
+            dist.barrier()
+        started = time.monotonic()
+        try:
+            notebook_launcher(fails_on_rank_1, num_processes=1, num_nodes=2, cluster="ray", display="none")
+        except WorkerError as err:
+            print("ERR", str(err).splitlines()[0])
+            print("CAUSE", type(err.__cause__).__name__, "RANK", err.rank)
+            print("TB", "bad shard on rank 1\\")   # the cell's own line" in err.remote_traceback)
+    """)
+    assert result.status == "ok", result.traceback
+    assert re.search(r"ERR rank 1 on node 1 \(.+\) failed: ValueError: bad shard on rank 1", result.stdout), result.text
+    assert "CAUSE ValueError RANK 1" in result.stdout and "TB True" in result.stdout
+    assert_nothing_left(kernel, pids_in(result.stdout))
+
+
+def test_a_session_keeps_state_over_three_cells_on_two_nodes(kernel):
+    started = cell(kernel, "%dist start -n 1 --nodes 2 --cluster ray --display none")
+    assert started.status == "ok", started.traceback
+    assert "Session started: 1 CPU process on each of 2 Ray nodes (gloo, spawn)" in started.stdout
+    try:
+        first = cell(kernel, "%%dist\nimport os\nweights = torch.ones(2) * (rank + 1)\nprint('PID', os.getpid())")
+        second = cell(kernel, "%%dist\ndist.all_reduce(weights)\nweights.sum().item()")
+        third = cell(kernel, "%%dist\nraise ValueError(f'only a user error on rank {rank}') if rank == 1 else 7")
+        fourth = cell(kernel, "%%dist\nweights.tolist()")
+    finally:
+        stopped = cell(kernel, "%dist stop")
+    assert "Out[rank 0]: 6.0" in second.stdout and "Out[rank 1]: 6.0" in second.stdout, second.text
+    assert third.status == "error" and "only a user error on rank 1" in third.evalue + third.traceback
+    assert "Out[rank 0]: [3.0, 3.0]" in fourth.stdout and "Out[rank 1]: [3.0, 3.0]" in fourth.stdout, fourth.text
+    assert stopped.status == "ok"
+    assert_nothing_left(kernel, pids_in(first.stdout))
+
+
+def test_interrupt_ends_the_cell_within_two_seconds(kernel):
+    msg_id = kernel.submit(textwrap.dedent("""
+        def sleeps():
+            print("PID", os.getpid(), "READY", flush=True)
+            time.sleep(120)
+        notebook_launcher(sleeps, num_processes=1, num_nodes=2, cluster="ray", display="none")
+    """))
+    out = kernel.wait_for_output(msg_id, r"(PID \d+ READY[\s\S]*){2}", timeout=180)
+    pressed = time.monotonic()
+    kernel.interrupt()
+    with pytest.raises(TimeoutError, match="the cell ended"):
+        kernel.wait_for_output(msg_id, r"NEVER PRINTED", timeout=30)
+    assert time.monotonic() - pressed < 2.0, "the cell did not end within 2 s of the Interrupt"
+    assert_nothing_left(kernel, pids_in(out))
+
+
+def test_kernel_death_takes_every_actor_placement_group_and_rank(cluster):
+    """A killed kernel (the Ray driver): Ray kills the actors it owned, and the ranks go with them."""
+    startup = f"import ray, os, time\nray.init(address={cluster.address!r}, log_to_driver=False)\n" \
+              "from notebook_launcher import notebook_launcher"
+    with Kernel(startup=startup, timeout=180) as doomed:
+        msg_id = doomed.submit(textwrap.dedent("""
+            def sleeps():
+                print("PID", os.getpid(), "READY", flush=True)
+                time.sleep(300)
+            notebook_launcher(sleeps, num_processes=1, num_nodes=2, cluster="ray", display="none")
+        """))
+        out = doomed.wait_for_output(msg_id, r"(PID \d+ READY[\s\S]*){2}", timeout=180)
+        os.kill(doomed.pid, signal.SIGKILL)
+        pids = pids_in(out)
+        assert wait_pids_gone(pids, timeout=60) == [], "ranks outlived their kernel"
+    check = ("import ray, sys, time; ray.init(address=sys.argv[1], log_to_driver=False)\n"
+             "deadline = time.monotonic() + 60\n"
+             "while time.monotonic() < deadline:\n"
+             "    left = [g for g in ray.util.placement_group_table().values() if g['state'] != 'REMOVED']\n"
+             "    if not left: break\n"
+             "    time.sleep(1)\n"
+             "print('GROUPS LEFT', len(left))")
+    probe = subprocess.run([sys.executable, "-c", check, cluster.address], env=cluster.env, capture_output=True,
+                           text=True, timeout=180)
+    assert "GROUPS LEFT 0" in probe.stdout, probe.stdout + probe.stderr
+
+
+def test_a_node_removed_mid_run_is_reported_within_ten_seconds(kernel, cluster):
+    """Last in the module: it takes the second node away."""
+    msg_id = kernel.submit(textwrap.dedent("""
+        def long_job():
+            print("PID", os.getpid(), "NODE", os.environ["NOTEBOOK_LAUNCHER_NODE_ADDRESS"], "READY", flush=True)
+            for step in range(600):
+                t = torch.ones(1)
+                dist.all_reduce(t)
+                time.sleep(0.1)
+        started = time.monotonic()
+        try:
+            notebook_launcher(long_job, num_processes=1, num_nodes=2, cluster="ray", display="none")
+        except WorkerError as err:
+            print("ERR", str(err).splitlines()[0])
+            print("LOST", err.rank, sorted(err.details))
+    """))
+    out = kernel.wait_for_output(msg_id, r"(PID \d+ NODE \S+ READY[\s\S]*){2}", timeout=180)
+    removed = time.monotonic()
+    cluster.remove_worker()
+    result = kernel.wait_for_output(msg_id, r"LOST \d+", timeout=60)
+    assert time.monotonic() - removed < 10.0, "the lost node was reported too late"
+    assert re.search(r"ERR rank (\d) on node (\d) \(.+\) failed: lost with node \2", result), result
+    kernel.run("1", timeout=60)
+    assert_nothing_left(kernel, pids_in(out))
