@@ -87,6 +87,21 @@ class TaskFailed:
     exitcode: Optional[int] = None   # sys.exit(code) in the task; None for an exception
 
 
+@dataclass(frozen=True)
+class DeviceStats:
+    """A rank's own device facts, posted when they change (at most once a second, and
+    once more before the task's end): its CUDA memory, and its fp16 grad scaler.
+    Fields are None where the rank has no such thing (no CUDA yet, no scaler)."""
+
+    device: Optional[int]            # the CUDA device index this rank uses (its own numbering)
+    allocated: Optional[int]         # bytes allocated by torch now
+    peak: Optional[int]              # bytes at the peak of torch's allocations (max_memory_allocated)
+    reserved: Optional[int]          # bytes held by torch's caching allocator
+    t: float
+    loss_scale: Optional[float] = None   # the GradScaler's scale (fp16)
+    skipped_steps: Optional[int] = None  # optimizer steps it skipped (inf/nan gradients)
+
+
 # ----------------------------------------------------------------- parent -> worker
 @dataclass(frozen=True)
 class TaskRequest:
