@@ -199,11 +199,11 @@ def _check_cluster_options(cluster, node_rank: int, use_port: Any, rdzv_backend:
 
 
 def _cluster_facts(cluster, num_nodes: int, num_processes: Any, device: str):
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is None:
-        raise LaunchConfigError("cluster='ray' needs Ray in this kernel: pip install 'notebook-launcher[ray]' "
-                                "(or pip install 'ray[default]').")
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        raise LaunchConfigError(f"cluster='ray' needs Ray in this kernel ({exc}): pip install "
+                                "'notebook-launcher[ray]' (or pip install 'ray[default]').") from None
     from .ranks.ray_engine import inspect
 
     nproc = None if num_processes is None else _positive_int("num_processes", num_processes)

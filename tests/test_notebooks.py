@@ -247,3 +247,30 @@ def test_05_interactive_session(tmp_path):
     assert "Session stopped: 2 ranks ended.\nprocesses left: []" in text(cell(nb, "stop"))
     assert_saved_notebook_is_static(nb, tmp_path)
     assert seconds < 60
+
+
+def test_07_ray_cluster(tmp_path):
+    pytest.importorskip("ray")
+    nb, seconds = execute("07-ray-cluster.ipynb", tmp_path)
+    assert "2 Ray nodes:" in text(cell(nb, "cluster"))
+
+    train = cell(nb, "train")
+    assert error(train) is None, error(train)
+    assert "Launching on 1 CPU process on each of 2 Ray nodes (gloo, spawn)" in text(train)
+    found = re.search(r"ranks ran on (\d) nodes; accuracy ([\d.]+)", text(train))
+    assert found and found.group(1) == "2" and float(found.group(2)) > 0.85, text(train)
+    assert "succeeded" in final_summary(train)["text/html"]
+    assert any("image/png" in d for d in displays(train)), "no loss plot in the cell's summary"
+
+    failed = error(cell(nb, "error"))
+    assert failed is not None and failed.ename == "WorkerError"
+    assert re.match(r"rank 1 on node 1 \(.+\) failed: ValueError: a bad batch on rank 1", failed.evalue), failed.evalue
+    assert 'raise ValueError("a bad batch on rank 1")' in failed.evalue          # the cell's own line
+
+    assert "Session started: 1 CPU process on each of 2 Ray nodes (gloo, spawn)" in text(cell(nb, "session-start"))
+    values = re.findall(r"^Out\[rank (\d)\]: \(\[3.0, 3.0, 3.0\], '(\w+)'\)$", text(cell(nb, "session-cell")), re.MULTILINE)
+    assert sorted(r for r, _ in values) == ["0", "1"] and len({n for _, n in values}) == 2, text(cell(nb, "session-cell"))
+    assert "Session stopped: 2 ranks ended." in text(cell(nb, "session-stop"))
+    assert "live agent actors: 0 | placement groups not removed: 0" in text(cell(nb, "left"))
+    assert error(cell(nb, "shutdown")) is None
+    assert_saved_notebook_is_static(nb, tmp_path)

@@ -232,6 +232,86 @@ def test_kernel_death_takes_every_actor_placement_group_and_rank(cluster):
     assert "GROUPS LEFT 0" in probe.stdout, probe.stdout + probe.stderr
 
 
+# ----------------------------------------------------------------- refused before anything starts
+def test_asking_for_what_the_cluster_lacks_is_a_clear_error_before_anything_starts(kernel):
+    result = cell(kernel, """
+        from notebook_launcher import LaunchConfigError
+        for options in (dict(num_nodes=3), dict(num_nodes=2, device="cuda"),
+                        dict(num_nodes=2, cluster=RayCluster(resources_per_node={"CPU": 1, "GPU": 2})),
+                        dict(num_nodes=2, node_rank=1), dict(num_nodes=2, start_method="fork")):
+            try:
+                notebook_launcher(print, **{"num_processes": 1, "cluster": "ray", **options})
+            except LaunchConfigError as err:
+                print("REFUSED", str(err)[:60])
+        print("GROUPS", len([g for g in ray.util.placement_group_table().values()]))
+    """)
+    assert result.status == "ok", result.traceback
+    lines = re.findall(r"REFUSED (.*)", result.stdout)
+    assert len(lines) == 5, result.text
+    assert lines[0].startswith("num_nodes=3 needs 3 Ray nodes with {'CPU': 1} each (num_processes=1 per node), but the"[:60])
+    assert lines[1] == "device='cuda' was asked for, but the Ray cluster has no GPU."[:60]
+    assert lines[2].startswith("num_nodes=2 needs 2 Ray nodes with {'CPU': 1, 'GPU': 2} each"[:60])
+    assert lines[3].startswith("cluster='ray' places every node and picks the rendezvous port"[:60])
+    assert lines[4] == "cluster='ray' starts ranks with spawn on each node; leave start"[:60]
+    assert_nothing_left(kernel)
+
+
+def test_without_ray_installed_cluster_ray_is_a_clear_error(tmp_path):
+    """A kernel where Ray does not import: the error says what to install; nothing starts."""
+    shim = tmp_path / "no_ray" / "ray"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from notebook_launcher import notebook_launcher, LaunchConfigError\n"
+            "try:\n    notebook_launcher(print, num_processes=1, num_nodes=2, cluster='ray')\n"
+            "except LaunchConfigError as err:\n    print('REFUSED', err)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(shim.parent)], capture_output=True, text=True, timeout=120)
+    assert "REFUSED cluster='ray' needs Ray in this kernel" in done.stdout, done.stdout + done.stderr
+    assert "pip install 'notebook-launcher[ray]'" in done.stdout
+
+
+def test_run_from_a_terminal_with_cluster_ray(cluster, tmp_path):
+    """``python -m notebook_launcher run --cluster ray --num_machines 2``: accelerate's meaning
+    (--num_processes counts every machine's), the script on every node, exit status 0."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import torch, torch.distributed as dist
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        print("RANK", dist.get_rank(), "OF", dist.get_world_size(), "SUM", t.item(), "ARG", sys.argv[1],
+              "NODE", os.environ["NOTEBOOK_LAUNCHER_NODE_ID"][:8], flush=True)
+    """))
+    done = subprocess.run([sys.executable, "-m", "notebook_launcher", "run", "--cluster", "ray", "--num_machines", "2",
+                           "--num_processes", "2", str(script), "hello"],
+                          env={**cluster.env, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True,
+                          timeout=170)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ranks = re.findall(r"RANK (\d) OF 2 SUM 2.0 ARG hello NODE (\w+)", done.stdout)
+    assert sorted(r for r, _ in ranks) == ["0", "1"] and len({n for _, n in ranks}) == 2, done.stdout
+
+
+def test_max_restarts_starts_again_on_a_fresh_placement(kernel):
+    result = cell(kernel, """
+        def fails_once():
+            attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+            print("PID", os.getpid(), flush=True)
+            if attempt == 0 and dist.get_rank() == 1:
+                raise RuntimeError("first attempt fails")
+            dist.barrier()
+            return attempt
+        before = len(ray.util.placement_group_table())
+        value = notebook_launcher(fails_once, num_processes=1, num_nodes=2, cluster="ray", display="none",
+                                  max_restarts=1)
+        print("VALUE", value, "NEW GROUPS", len(ray.util.placement_group_table()) - before)
+    """)
+    assert result.status == "ok", result.traceback
+    assert "VALUE 1 NEW GROUPS 2" in result.stdout, result.text
+    assert "rank 1 failed (RuntimeError: first attempt fails); restart 1 of 1" in result.stderr
+    assert_nothing_left(kernel, pids_in(result.stdout))
+
+
+# ----------------------------------------------------------------- last: it takes a node away
 def test_a_node_removed_mid_run_is_reported_within_ten_seconds(kernel, cluster):
     """Last in the module: it takes the second node away."""
     msg_id = kernel.submit(textwrap.dedent("""
