@@ -164,6 +164,7 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
         nproc = _nproc(num_processes, device_type, env)
         method, reason = _start_method(start_method, env, device_type)
         extra_env, notes = _gpu_quirks(env, device_type, nproc, method)
+        notes.extend(_shm_notes(nproc, device_type))
         if mixed_precision == "bf16" and device_type == "cuda":
             _check_bf16(env)
     backend = _backend(backend, device_type)
@@ -294,23 +295,28 @@ def _start_method(asked: str, env: environment.Environment, device_type: str) ->
     # What initialized CUDA, so the person can move that line instead of guessing.
     cause = f" (first by {env.cuda_init_origin})" if env.cuda_init_origin else (
         " (before notebook_launcher was imported, so the line is not known: import it first to have it named)")
+    # torch's flag misses a driver initialized by another library (cupy, numba, JAX, Triton):
+    # the driver probe (`environment.cuda_driver_initialized`) sees it, and forks fail the same.
+    driver_only = env.driver_initialized and not env.cuda_initialized
+    what = (f"The CUDA driver is already initialized in this kernel by a library other than torch "
+            f"({env.driver_init_origin})" if driver_only else f"CUDA is already initialized in this kernel{cause}")
+    move = ("import that library inside the launched function (or after the launch)" if driver_only
+            else "move that CUDA call into the launched function or after the launch")
     if asked == "fork":
         if not can_fork:
             raise LaunchConfigError(f"start_method='fork' is not available on {sys.platform}; use 'spawn'.")
-        if env.cuda_initialized and device_type == "cuda":
+        if (env.cuda_initialized or driver_only) and device_type == "cuda":
             raise LaunchConfigError(
-                f"CUDA is already initialized in this kernel{cause}, so forked workers could "
-                "not use the GPU. Use start_method='spawn' (or 'auto'), or restart the kernel and keep CUDA "
-                "calls inside the launched function."
+                f"{what}, so forked workers could not use the GPU (they crash or hang on their first CUDA "
+                f"call). Use start_method='spawn' (or 'auto'), or restart the kernel and {move}."
             )
         return "fork", ""
     if asked == "spawn":
         return "spawn", ""
-    if env.cuda_initialized:
+    if env.cuda_initialized or driver_only:
         return "spawn", (
-            f"CUDA is already initialized in this kernel{cause}, so workers start with spawn "
-            "instead of fork (a few seconds slower; the function and its arguments travel with dill). "
-            "To keep fork, move that CUDA call into the launched function or after the launch."
+            f"{what}, so workers start with spawn instead of fork (a few seconds slower; the function "
+            f"and its arguments travel with dill). To keep fork, {move}."
         )
     if not can_fork:
         return "spawn", ""
@@ -344,6 +350,25 @@ def _gpu_quirks(env: environment.Environment, device_type: str, nproc: int, meth
         notes.append(f"Warning: {', '.join(imported)} may have initialized CUDA when imported here; if the "
                      "workers fail to use the GPU, import it inside the function or use start_method='spawn'.")
     return extra, notes
+
+
+SHM_ENOUGH = 512 * 2**20   # bytes of /dev/shm below which NCCL and DataLoader workers are at risk
+_shm_warned: list = []     # the /dev/shm warning is given once per process
+
+
+def _shm_notes(nproc: int, device_type: str, size: Optional[int] = None) -> list:
+    """A warning when /dev/shm is too small (a container's default is 64 MB): NCCL between
+    GPUs of one machine and DataLoader workers pass tensors through it, and fail with "Bus
+    error" or "No space left on device" mid-run. Once per process; never an error."""
+    size = environment.shm_bytes() if size is None else size
+    if size is None or size >= SHM_ENOUGH or _shm_warned or (nproc < 2 and device_type != "cuda"):
+        return []
+    _shm_warned.append(size)
+    return [f"Warning: /dev/shm is only {size / 2**20:.0f} MiB (a container's default): NCCL between the GPUs "
+            "of this machine and DataLoader workers (num_workers > 0) pass tensors through it and fail with "
+            "'Bus error' or 'No space left on device' when it fills. Fix: start the container with "
+            "--shm-size=2g (or --ipc=host); on Kubernetes mount an emptyDir with medium: Memory at /dev/shm. "
+            "For DataLoader workers alone, torch.multiprocessing.set_sharing_strategy('file_system') also works."]
 
 
 def _check_sendable(function: Callable, args: tuple, kwargs: dict) -> None:

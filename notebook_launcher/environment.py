@@ -10,7 +10,14 @@ report cannot say "all pairs" while the launch disables NCCL's peer-to-peer.
 
 It also remembers where this process first initialized CUDA (`cuda_init_origin`): a
 call that torch runs inside its lazy CUDA initialization keeps the stack, so a launch
-that must fall back to spawn can name the notebook line that forced it.
+that must fall back to spawn can name the notebook line that forced it. A library other
+than torch (cupy, numba, JAX, Triton's backend probe) can initialize the CUDA *driver*
+without torch knowing: `cuda_driver_initialized` asks the driver itself (a fork after
+that crashes or hangs the ranks' first CUDA call).
+
+The front end that shows this kernel's output (`frontend`: Colab, Kaggle, VS Code, a
+Jupyter server's JupyterLab or Notebook 7) is read from each one's own markers, for the
+dashboard's ``display="auto"``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ import torch
 
 # Libraries that create a CUDA context as a side effect of being imported.
 CUDA_ON_IMPORT_LIBRARIES = ("bitsandbytes", "cupy", "jax", "tensorflow", "numba.cuda", "pycuda.autoinit")
+# Libraries that may initialize the CUDA driver (cuInit) when imported or first used, without
+# torch knowing: named when the driver probe finds it initialized.
+CUDA_DRIVER_LIBRARIES = ("cupy", "numba.cuda", "jax", "jaxlib", "tensorflow", "triton", "pycuda",
+                         "cuda", "bitsandbytes", "vllm", "xformers", "onnxruntime", "tensorrt")
+CUDA_DRIVER_LIBRARY = "libcuda.so"   # the driver's library (libcuda.so.1), not the runtime's (libcudart)
+CUDA_SUCCESS = 0
+SHM_PATH = "/dev/shm"
 
 NVML_LIBRARY = "libnvidia-ml.so.1"
 NVML_P2P_CAPS_INDEX_READ = 0      # nvmlGpuP2PCapsIndex_t: can one GPU read the other's memory
@@ -75,6 +89,9 @@ class Environment:
     cpu_count: int             # CPUs this process may run on
     gpus: tuple = field(default=())  # GpuInfo per visible GPU
     cuda_init_origin: str = ""       # what initialized CUDA here (see `cuda_init_origin`), if it is
+    driver_initialized: bool = False  # the CUDA driver is initialized here (by torch or any other library)
+    driver_init_origin: str = ""     # what did, when torch did not (see `driver_init_origin`)
+    frontend: str = "script"         # see `frontend`
 
     @property
     def has_gpus(self) -> bool:
@@ -88,6 +105,7 @@ class Environment:
 def detect() -> Environment:
     inventory = gpu_inventory() if torch.backends.cuda.is_built() else GpuInventory()
     initialized = cuda_initialized()
+    driver = initialized or cuda_driver_initialized()
     return Environment(
         gpu_count=cuda_device_count(inventory),
         cuda_initialized=initialized,
@@ -95,6 +113,9 @@ def detect() -> Environment:
         cpu_count=usable_cpu_count(),
         gpus=inventory.visible_gpus,
         cuda_init_origin=cuda_init_origin() if initialized else "",
+        driver_initialized=driver,
+        driver_init_origin=driver_init_origin() if driver and not initialized else "",
+        frontend=frontend(),
     )
 
 
@@ -481,6 +502,72 @@ def cuda_libraries_imported() -> list[str]:
     return [name for name in CUDA_ON_IMPORT_LIBRARIES if name in sys.modules]
 
 
+# ----------------------------------------------------------------- the CUDA driver
+def cuda_driver_initialized() -> bool:
+    """Whether the CUDA driver is initialized in this process, whoever did it.
+
+    torch's flag (`cuda_initialized`) sees only torch's own initialization; cupy, numba,
+    JAX or Triton's backend probe call ``cuInit`` without torch knowing, and a rank forked
+    after that crashes or hangs on its first CUDA call. The driver knows: before ``cuInit``,
+    ``cuDeviceGetCount`` returns CUDA_ERROR_NOT_INITIALIZED, after it CUDA_SUCCESS. Nobody
+    can have called ``cuInit`` without the driver's library loaded, so the probe runs only
+    when ``libcuda.so`` is already mapped in this process: it never loads the driver here,
+    and the query itself initializes nothing.
+
+    Example::
+
+        import cupy                       # initializes the driver
+        cuda_driver_initialized()         # True, while torch.cuda.is_initialized() is False
+    """
+    path = loaded_library(CUDA_DRIVER_LIBRARY)
+    if path is None:
+        return False
+    try:
+        driver = ctypes.CDLL(path)   # the copy already loaded: dlopen returns its handle
+        count = ctypes.c_int(0)
+        return driver.cuDeviceGetCount(ctypes.byref(count)) == CUDA_SUCCESS
+    except (OSError, AttributeError):   # not a CUDA driver after all
+        return False
+
+
+def loaded_library(prefix: str) -> Optional[str]:
+    """The path of a shared library mapped in this process whose file name starts with
+    ``prefix`` (``/proc/self/maps``), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(None, 5)[-1].strip() if line.count(" ") >= 5 else ""
+                if path.startswith("/") and os.path.basename(path).startswith(prefix):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def driver_init_origin() -> str:
+    """Which libraries imported here may have initialized the CUDA driver, for a person.
+
+    Example::
+
+        driver_init_origin()   # "cupy (imported here)"
+    """
+    imported = [name for name in CUDA_DRIVER_LIBRARIES if name in sys.modules]
+    if imported:
+        return f"{', '.join(imported)} (imported here)"
+    return "a library imported here, not torch (cupy, numba, JAX and Triton are known to)"
+
+
+# ----------------------------------------------------------------- /dev/shm
+def shm_bytes(path: str = SHM_PATH) -> Optional[int]:
+    """The size of the shared-memory filesystem (NCCL's intra-node transport and DataLoader
+    workers pass tensors through it), or None where there is none."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_blocks * stat.f_frsize
+
+
 # ----------------------------------------------------------------- the rest
 def usable_cpu_count() -> int:
     try:
@@ -505,15 +592,75 @@ def in_jupyter_kernel() -> bool:
 
 
 def platform() -> str:
-    if "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ:
+    if in_colab():
         return "colab"
-    if any(key.startswith("KAGGLE_KERNEL") for key in os.environ):
+    if in_kaggle():
         return "kaggle"
     if in_jupyter_kernel():
         return "jupyter"
     if ipython_shell() is not None:
         return "ipython"
     return "python"
+
+
+# ----------------------------------------------------------------- the front end
+VSCODE_MARKERS = ("VSCODE_PID", "VSCODE_CWD", "VSCODE_IPC_HOOK_CLI")   # set in every process VS Code starts
+JUPYTER_SERVER_MARKER = "JPY_SESSION_NAME"   # jupyter_server 2 sets it for the kernels it starts
+
+
+def in_colab(environ=None) -> bool:
+    """Colab: its ``google.colab`` package is importable (looked up, not imported), or its
+    runtime's variable is set."""
+    environ = os.environ if environ is None else environ
+    if "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in environ:
+        return True
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):   # no "google" package, or a broken one
+        return False
+
+
+def in_kaggle(environ=None) -> bool:
+    environ = os.environ if environ is None else environ
+    return "KAGGLE_KERNEL_RUN_TYPE" in environ or any(key.startswith("KAGGLE_KERNEL") for key in environ)
+
+
+def frontend(environ=None) -> str:
+    """Which front end shows this process's output, from each one's own markers:
+
+    - ``"colab"``: ``google.colab`` importable (or ``COLAB_RELEASE_TAG``);
+    - ``"kaggle"``: ``KAGGLE_KERNEL_RUN_TYPE`` (Kaggle's notebooks set it);
+    - ``"vscode"``: ``VSCODE_PID`` (or another variable VS Code sets in the processes it
+      starts) in a kernel: VS Code's notebooks;
+    - ``"jupyter-server"``: a kernel started by a Jupyter server (JupyterLab, Notebook 7,
+      JupyterHub, Binder), which sets ``JPY_SESSION_NAME``;
+    - ``"kernel"``: another Jupyter client (nbclient and papermill, the classic Notebook 6,
+      Spyder, qtconsole, ...): a kernel with none of the markers above;
+    - ``"ipython"``: terminal IPython; ``"script"``: plain Python (outside a kernel, the
+      markers do not count: a script run with ``!python train.py`` writes text).
+
+    The first match wins, in that order: a JupyterLab started from VS Code's terminal
+    inherits ``VSCODE_PID`` and counts as VS Code (whose choice, the html view, renders
+    in JupyterLab too).
+
+    Example::
+
+        frontend()   # "jupyter-server" in JupyterLab, "colab" on Colab
+    """
+    environ = os.environ if environ is None else environ
+    if not in_jupyter_kernel():   # a script run from a notebook's shell escape (!python x.py) too
+        return "ipython" if ipython_shell() is not None else "script"
+    if in_colab(environ):
+        return "colab"
+    if in_kaggle(environ):
+        return "kaggle"
+    if any(key in environ for key in VSCODE_MARKERS):
+        return "vscode"
+    if JUPYTER_SERVER_MARKER in environ:
+        return "jupyter-server"
+    return "kernel"
 
 
 watch_cuda_init()

@@ -109,6 +109,8 @@ class WorkerError(ChildFailedError):
         if root.exitcode not in (None, 0, 1) and root.signal is None and "exit" not in root.summary():
             head += f" (exit code {root.exitcode})"
         parts = [head]
+        if out_of_memory(root):
+            parts.append(OUT_OF_MEMORY_ADVICE)
         others = [f for r, f in sorted(self.details.items()) if r != root.rank]
         if others:
             parts.append("other ranks: " + "; ".join(f"rank {f.rank}: {f.summary()}" for f in others))
@@ -116,6 +118,19 @@ class WorkerError(ChildFailedError):
             parts.append(f"\n--- traceback from rank {root.rank} ---\n{root.traceback.rstrip()}")
         parts.extend(getattr(self, "notes", ()))
         return "\n".join(parts)
+
+
+OUT_OF_MEMORY_ADVICE = (
+    "What to try: a smaller batch per rank (activations grow with it); mixed_precision='fp16' (or 'bf16' "
+    "on Ampere and newer) if not used yet, which about halves them; gradient accumulation to keep the "
+    "effective batch (Accelerator(gradient_accumulation_steps=N) with accelerator.accumulate(model)); "
+    "fewer ranks per GPU (one rank per GPU: num_processes at most the GPUs); and where much more is "
+    "reserved than allocated, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True against fragmentation.")
+
+
+def out_of_memory(failure: Failure) -> bool:
+    """A rank's CUDA out-of-memory error (the rank named its GPU and memory in the message)."""
+    return failure.exc_type.endswith("OutOfMemoryError") or "CUDA out of memory" in failure.message
 
 
 def failure_from(rank: int, pid: int, message) -> Failure:

@@ -7,11 +7,12 @@ loop then runs in a background thread that owns the view until the run ends, whi
 person keeps using the notebook.
 
 Output from that thread must land in the launching cell, not in whatever cell runs at
-the time. ipykernel 7 ties output to a per-thread parent message, so the thread sets
-the launching cell's message as its parent; and because a frontend forgets a cell once
-it finishes executing, the dashboard lives in a container displayed by the launching
-cell (a widget box, or an ``Output`` widget that captures the text view's lines) and
-is updated through its widget channel, which does not depend on the cell.
+the time. ipykernel 7 ties output to a per-thread parent message (ipykernel #1450/#1451),
+so the thread sets the launching cell's message as its parent, for its prints, its
+displays and its widgets' comm messages alike; and because a frontend may forget a cell
+once it finishes executing, the dashboard lives in what the launching cell displayed:
+a widget box (widgets), a display updated in place by its id (html), or an ``Output``
+widget that captures the text view's lines.
 
 Every process is reaped on every path: the run ends by itself, fails, is stopped
 (`Run.stop`), or the kernel shuts down (an ``atexit`` hook stops live runs; a killed
@@ -21,6 +22,7 @@ kernel takes its workers with it through the parent-death signal and the control
 from __future__ import annotations
 
 import atexit
+import contextvars
 import threading
 import time
 import weakref
@@ -87,7 +89,7 @@ class Run:
 
     def _new_view(self, attempt: int) -> View:
         self.view = make_view(self._display, self.config.line_prefix, self.title,
-                              host=self._frame if self._display == "widgets" else None)
+                              host=self._frame if self._display in ("widgets", "html") else None)
         self.view.open()
         return self.view
 
@@ -220,20 +222,28 @@ def _cell_parent() -> Optional[dict]:
 
 
 def _set_thread_parent(parent: Optional[dict]):
-    """Route this thread's output to ``parent``'s cell (ipykernel >= 7 keeps it per thread)."""
+    """Route this thread's output to ``parent``'s cell (ipykernel >= 7 keeps it per thread):
+    prints and displays through the shell's ``set_thread_parent``; widgets' comm messages
+    take their parent from the kernel's own context variable, which a thread started later
+    reads from the most recent cell unless it sets its own (this thread's context only)."""
     shell = environment.ipython_shell()
     if not parent or not hasattr(shell, "set_thread_parent"):
         return None
+    tokens = []
     try:
-        return shell.set_thread_parent(parent)
+        tokens.append((shell.reset_thread_parent, shell.set_thread_parent(parent)))
     except Exception:
         return None
+    variable = getattr(getattr(shell, "kernel", None), "_shell_parent", None)
+    if isinstance(variable, contextvars.ContextVar):
+        tokens.append((variable.reset, variable.set(parent)))
+    return tokens
 
 
 def _reset_thread_parent(tokens) -> None:
-    if tokens is not None:
+    for reset, token in reversed(tokens or ()):
         try:
-            environment.ipython_shell().reset_thread_parent(tokens)
+            reset(token)
         except Exception:
             pass
 
@@ -241,12 +251,17 @@ def _reset_thread_parent(tokens) -> None:
 def _make_frame(display: str, parent: Optional[dict]):
     """The container shown in the launching cell, which the background thread fills.
 
-    widgets: an empty box the dashboard goes into. text/none in a kernel: an ``Output``
-    widget that captures what the thread prints (its ``msg_id`` is the launching cell's,
-    which is the parent the thread's output carries).
+    widgets: an empty box the dashboard goes into. html: a display the dashboard updates
+    in place (by its display id: no widget manager needed). text/none in a kernel: an
+    ``Output`` widget that captures what the thread prints (its ``msg_id`` is the
+    launching cell's, which is the parent the thread's output carries).
     """
     if not environment.in_jupyter_kernel():
         return None
+    if display == "html":
+        from IPython.display import display as show
+
+        return show({"text/html": "<div>◌ starting</div>", "text/plain": "starting"}, raw=True, display_id=True)
     try:
         import ipywidgets as widgets
         from IPython.display import display as show

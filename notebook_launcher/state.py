@@ -118,13 +118,32 @@ class Exited:
 
 
 @dataclass(frozen=True)
+class GpuUsage:
+    """One GPU as NVML saw it (`gpu.GpuFeed`, in the notebook process)."""
+
+    index: int              # NVML's index (the machine's numbering)
+    name: str
+    used: int               # bytes of its memory in use, by every process
+    total: int              # bytes
+    utilization: Optional[int]  # percent of the last sample period a kernel ran; None: unknown
+
+
+@dataclass(frozen=True)
+class GpuSampled:
+    """What NVML said about the GPUs of this machine at ``t``: a `GpuUsage` each."""
+
+    gpus: tuple
+    t: float
+
+
+@dataclass(frozen=True)
 class Finished:
     status: RunStatus  # a final one
     t: float
     failure: Optional[Failure] = None
 
 
-Event = Union[Started, Received, Stalled, Output, Exited, Finished]
+Event = Union[Started, Received, Stalled, Output, Exited, Finished, GpuSampled]
 
 # ----------------------------------------------------------------- limits
 MAX_POINTS = 2_000    # points kept per metric series; older ones are merged pairwise
@@ -204,6 +223,7 @@ class RankState:
     last_seen: Optional[float] = None
     exitcode: Optional[int] = None
     position: dict = field(default_factory=dict)  # progress depth -> (n, total)
+    device_stats: Optional[Any] = None           # its last `channel.DeviceStats` (CUDA memory, fp16 scaler)
 
 
 @dataclass
@@ -320,6 +340,10 @@ class RunState:
     metrics_version: int = 0                           # bumped when a series changes
     log_version: int = 0                               # bumped when lines arrive
     progress_version: int = 0                          # bumped when a bar moves
+    gpus: tuple = ()                                   # GpuUsage of the GPUs shown, last NVML sample
+    loss_scale: Optional[float] = None                 # lead rank's fp16 GradScaler scale
+    skipped_steps: Optional[int] = None                # ...and the optimizer steps it skipped
+    devices_version: int = 0                           # bumped when GPU or device facts change
 
     def __post_init__(self) -> None:
         for rank in self.local_ranks:
@@ -404,6 +428,19 @@ class RunState:
             self._progress(event.rank, message, event.t)
         elif isinstance(message, (ch.TaskDone, ch.TaskFailed)):
             self._task_ended(event.rank, isinstance(message, ch.TaskDone), event.t)
+        elif isinstance(message, ch.DeviceStats):
+            self._device_stats(event.rank, message)
+
+    def _device_stats(self, rank: int, stats: ch.DeviceStats) -> None:
+        """Not a sign of life: the rank's own thread posts these, whatever its main thread does."""
+        self.ranks.setdefault(rank, RankState(rank)).device_stats = stats
+        if rank == self.lead and stats.loss_scale is not None:
+            self.loss_scale, self.skipped_steps = stats.loss_scale, stats.skipped_steps
+        self.devices_version += 1
+
+    def _on_gpusampled(self, event: GpuSampled) -> None:
+        self.gpus = tuple(event.gpus)
+        self.devices_version += 1
 
     def _ready(self, rank: int, t: float) -> None:
         state = self._seen(rank, t)

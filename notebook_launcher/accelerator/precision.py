@@ -2,7 +2,8 @@
 
 fp16 runs the forward pass under ``torch.autocast(dtype=float16)`` and scales the loss
 with a `torch.amp.GradScaler` so small gradients do not underflow; a step whose
-gradients overflowed is skipped and the scale lowered. bf16 has fp32's range, so it
+gradients overflowed is skipped and the scale lowered (`CountingGradScaler` counts those
+steps, and the rank sends the scale and the count to the dashboard). bf16 has fp32's range, so it
 needs autocast only. Both work on CPU (torch >= 2.3) and on CUDA (bf16 from Ampere on).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -82,10 +84,58 @@ def _check_scaler(device: torch.device) -> None:
 
 
 def make_scaler(mixed_precision: str, device: torch.device, **kwargs) -> Optional[Any]:
-    """The grad scaler fp16 needs, None otherwise."""
+    """The grad scaler fp16 needs (a `CountingGradScaler`), None otherwise."""
     if mixed_precision != "fp16":
         return None
-    return torch.amp.GradScaler(device.type, **kwargs)
+    return CountingGradScaler(device.type, **kwargs)
+
+
+class CountingGradScaler(torch.amp.GradScaler):
+    """torch's GradScaler that also counts the optimizer steps it skipped (an inf or nan
+    gradient) for the dashboard (`scaler_facts`, read by the rank's device-stats thread).
+
+    The count stays on the scaler's device and is added to without a synchronisation: the
+    training loop pays nothing; the thread that reads it once a second does the waiting.
+
+    Example::
+
+        scaler = make_scaler("fp16", torch.device("cpu"))
+        ... scaler.step(opt); scaler.update()
+        scaler_facts()          # (65536.0, 0)
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped_steps: Any = 0   # an int until the first update, then a tensor on the scale's device
+        _scalers.append(weakref.ref(self))
+        del _scalers[:-1]             # the newest scaler of this process is the one shown
+
+    def update(self, new_scale=None) -> None:
+        if self.is_enabled() and new_scale is None and self._per_optimizer_states:
+            found = [f for state in self._per_optimizer_states.values()
+                     for f in state["found_inf_per_device"].values()]
+            if found:   # the same found-inf tensors the update backs the scale off on
+                skipped = (torch.stack([f.to(self._scale.device, non_blocking=True) for f in found]).sum() > 0)
+                self.skipped_steps = self.skipped_steps + skipped.to(torch.int64)
+        super().update(new_scale)
+
+    def facts(self) -> tuple:
+        """(the current scale, the steps skipped so far); synchronises with the device."""
+        return float(self.get_scale()), int(self.skipped_steps)
+
+
+_scalers: list = []   # [weakref to this process's newest CountingGradScaler]
+
+
+def scaler_facts() -> tuple:
+    """(loss scale, skipped steps) of this process's newest fp16 scaler; (None, None) without one."""
+    scaler = _scalers[-1]() if _scalers else None
+    if scaler is None or not scaler.is_enabled():
+        return None, None
+    try:
+        return scaler.facts()
+    except Exception:   # read from another thread while the device is in trouble
+        return None, None
 
 
 def autocast(mixed_precision: str, device: torch.device, **kwargs):

@@ -1,10 +1,14 @@
-"""Views of a run: widgets in a notebook, text in a terminal, or just the output lines.
+"""Views of a run: widgets or an in-place HTML display in a notebook, text in a terminal,
+or just the output lines.
 
 - ``"widgets"``: a live ipywidgets dashboard (`ui.widgets.WidgetsView`), replaced at the
   end by a static HTML summary and PNG that a saved notebook keeps.
+- ``"html"``: the same dashboard as one display updated in place (`ui.html_view.HtmlView`):
+  no widget manager, no JavaScript, so it renders in every front end; same summary at the end.
 - ``"text"``: a progress line at a bounded rate and a plot saved to a file (`ui.text.TextView`).
 - ``"none"``: only the workers' own output lines, rank-prefixed (`ui.base.View`).
-- ``"auto"``: widgets inside a Jupyter kernel where ipywidgets is installed, text otherwise.
+- ``"auto"``: chosen by front end (`auto_display`): widgets in JupyterLab and Notebook 7,
+  html in Colab, Kaggle, VS Code and any other kernel, text outside a kernel.
 """
 
 from __future__ import annotations
@@ -14,31 +18,59 @@ from typing import Any, Optional
 
 from .base import DEFAULT_PREFIX, View
 
-DISPLAYS = ("auto", "widgets", "text", "none")
+DISPLAYS = ("auto", "widgets", "html", "text", "none")
+
+# Where widgets are known to work from the kernel side: a Jupyter server's JupyterLab or
+# Notebook 7, with the widget manager that ships with ipywidgets 8. Everywhere else the
+# one thing every front end renders is a display updated in place: Colab drops widget
+# updates sent from a thread (colabtools #3373) and needs a custom widget manager for
+# ipywidgets 8; Kaggle's tqdm widget bars show "Loading widget..." (docker-python #1443);
+# VS Code renders nothing with ipywidgets 8.1.9 (vscode-jupyter #17504) and leaves an
+# Output filled from a thread empty (#16739). An unknown front end (nbclient, papermill,
+# the classic Notebook 6, Spyder, qtconsole, ...) gets html too: it needs no widget
+# manager, an executed notebook keeps no widget state, and where HTML is not rendered its
+# text/plain is a progress line.
+WIDGET_FRONTENDS = ("jupyter-server",)
 
 
-def resolve_display(display: str) -> str:
-    """The concrete display for ``display`` here: "widgets", "text" or "none".
+def auto_display(frontend: str, widgets_installed: bool = True) -> str:
+    """The display ``"auto"`` means for a front end (`environment.frontend`).
 
     Example::
 
-        resolve_display("auto")   # "widgets" in a Jupyter kernel, "text" in a script
+        auto_display("colab")             # "html"
+        auto_display("jupyter-server")    # "widgets"
+        auto_display("script")            # "text"
+    """
+    if frontend in ("script", "ipython"):
+        return "text"
+    if frontend in WIDGET_FRONTENDS and widgets_installed:
+        return "widgets"
+    return "html"
+
+
+def resolve_display(display: str) -> str:
+    """The concrete display for ``display`` here: "widgets", "html", "text" or "none".
+
+    Example::
+
+        resolve_display("auto")   # "widgets" in JupyterLab, "html" on Colab, "text" in a script
     """
     if display != "auto":
         return display
-    from ..environment import in_jupyter_kernel
+    from ..environment import frontend
 
-    if in_jupyter_kernel() and _widgets_installed():
-        return "widgets"
-    return "text"
+    where = frontend()
+    return auto_display(where, where not in WIDGET_FRONTENDS or _widgets_installed())
 
 
 def make_view(display: str, prefix: str = DEFAULT_PREFIX, title: str = "", host: Optional[Any] = None,
               show_log: bool = True) -> View:
-    """The view for ``display`` ("auto" | "widgets" | "text" | "none").
+    """The view for ``display`` ("auto" | "widgets" | "html" | "text" | "none").
 
-    ``host``: an ipywidgets container already shown in a cell; the widgets view puts
-    itself inside it instead of displaying a new output (used by ``block=False`` runs).
+    ``host``: what a ``block=False`` run displayed in its launching cell: an ipywidgets
+    container the widgets view puts itself into, or a display handle the html view
+    updates in place.
     ``show_log``: False prints output lines in the cell as they come instead of keeping
     them in the dashboard's log panel and summary (a session's cell: as its own prints).
 
@@ -47,14 +79,18 @@ def make_view(display: str, prefix: str = DEFAULT_PREFIX, title: str = "", host:
         view = make_view("text", title="2 CPU processes (gloo, fork)")
     """
     display = resolve_display(display)
-    if display == "widgets":
+    if display in ("widgets", "html"):
         from ..environment import in_jupyter_kernel
 
         if host is not None or in_jupyter_kernel():
+            if display == "html":
+                from .html_view import HtmlView
+
+                return HtmlView(prefix, title, host=host, show_log=show_log)
             from .widgets import WidgetsView
 
             return WidgetsView(prefix, title, host=host, show_log=show_log)
-        print("notebook_launcher: display='widgets' needs a Jupyter kernel; showing text instead.",
+        print(f"notebook_launcher: display={display!r} needs a Jupyter kernel; showing text instead.",
               file=sys.stderr)
         display = "text"
     if display == "text":

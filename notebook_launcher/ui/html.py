@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 from typing import Callable, Optional
 
+from ..gpu import format_bytes
 from ..state import ProgressState, RunState, format_duration, format_rate, format_value
 
 STATUS_LOOK = {   # status -> (symbol, colour)
@@ -88,8 +89,11 @@ def progress_table(state: RunState) -> str:
 
 
 def ranks_table(state: RunState, now: Optional[float] = None) -> str:
-    """One row per local rank: state, pid, step, progress, last seen."""
+    """One row per local rank: state, pid, step, progress, last seen; and its GPU memory
+    (allocated now, peak) once any rank has sent it."""
     now = state.now if now is None else now
+    memory = any(info.device_stats is not None and info.device_stats.peak is not None
+                 for info in state.ranks.values())
     rows = []
     for rank in sorted(state.ranks):
         info = state.ranks[rank]
@@ -102,10 +106,47 @@ def ranks_table(state: RunState, now: Optional[float] = None) -> str:
         status = status_badge(info.status)
         if info.exitcode not in (None, 0):
             status += f" (exit {info.exitcode})"
-        rows.append("<tr>" + "".join(f'<td style="{CELL}">{cell}</td>' for cell in (
-            rank, status, info.pid or "", "" if info.step is None else f"{info.step:,}", position, seen)) + "</tr>")
-    head = "".join(f'<th style="{HEAD}">{name}</th>' for name in ("rank", "state", "pid", "step", "progress", "last seen"))
+        cells = [rank, status, info.pid or "", "" if info.step is None else f"{info.step:,}", position, seen]
+        if memory:
+            cells.append(rank_memory(info.device_stats))
+        rows.append("<tr>" + "".join(f'<td style="{CELL}">{cell}</td>' for cell in cells) + "</tr>")
+    names = ["rank", "state", "pid", "step", "progress", "last seen"] + (["GPU memory (peak)"] if memory else [])
+    head = "".join(f'<th style="{HEAD}">{name}</th>' for name in names)
     return f'<table style="{TABLE}"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def rank_memory(stats) -> str:
+    """``cuda:0 · 3.2 GiB (peak 5.1 GiB)`` from a rank's `channel.DeviceStats`."""
+    if stats is None or stats.peak is None:
+        return ""
+    where = f"cuda:{stats.device} · " if stats.device is not None else ""
+    return f"{where}{format_bytes(stats.allocated)} (peak {format_bytes(stats.peak)})"
+
+
+def gpu_table(state: RunState) -> str:
+    """One row per GPU (NVML, sampled in the notebook): memory used/total with a bar, and
+    utilization. Empty where there are no GPUs."""
+    if not state.gpus:
+        return ""
+    rows = []
+    for gpu in state.gpus:
+        fraction = gpu.used / gpu.total if gpu.total else None
+        utilization = "?" if gpu.utilization is None else f"{gpu.utilization} %"
+        cells = (f"<b>GPU {gpu.index}</b>", html.escape(gpu.name),
+                 f'<span style="{MONO} color: #1f77b4;">{text_bar(fraction, 12)}</span>',
+                 f"{format_bytes(gpu.used)} / {format_bytes(gpu.total)}", utilization)
+        rows.append("<tr>" + "".join(f'<td style="{CELL}">{cell}</td>' for cell in cells) + "</tr>")
+    head = "".join(f'<th style="{HEAD}">{name}</th>' for name in ("GPU", "name", "", "memory used", "utilization"))
+    return f'<table style="{TABLE}"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def precision_line(state: RunState) -> str:
+    """``fp16 loss scale 65,536 · 2 steps skipped`` (the lead rank's GradScaler), or ""."""
+    if state.loss_scale is None:
+        return ""
+    skipped = state.skipped_steps or 0
+    return (f'<div style="{FONT}">fp16 loss scale <b>{state.loss_scale:,.6g}</b> · '
+            f'{skipped:,} step{"s" if skipped != 1 else ""} skipped (inf/nan gradients)</div>')
 
 
 def metrics_table(state: RunState) -> str:

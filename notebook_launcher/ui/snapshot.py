@@ -47,12 +47,14 @@ def build(state: RunState, title: str, prefix: Callable[[int], str], png: Option
         for bundle in snap.bundles():
             IPython.display.display(bundle, raw=True)
     """
-    tables = "".join(part for part in (fragments.metrics_table(state), fragments.ranks_table(state)) if part)
+    tables = "".join(part for part in (fragments.metrics_table(state), fragments.ranks_table(state),
+                                       fragments.gpu_table(state)) if part)
     summary = (
         f'<div style="{fragments.FONT}">'
         f"{fragments.header(state, title)}"
         f"{fragments.failure_box(state)}"
         f"{fragments.progress_table(state)}"
+        f"{fragments.precision_line(state)}"
         f'<div style="display: flex; flex-wrap: wrap; align-items: flex-start;">{tables}</div>'
         f"</div>"
     )

@@ -17,6 +17,7 @@ import tempfile
 import time
 from typing import Callable, Optional, TextIO
 
+from ..gpu import GpuFeed, format_bytes
 from ..state import RunState, format_duration, format_rate, format_value, summary_line
 from .base import DEFAULT_PREFIX, Throttle, View
 
@@ -49,6 +50,7 @@ class TextView(View):
         self._shown = ""            # the progress line on screen (tty) or last printed
         self._on_screen = False     # an in-place line is showing and must be cleared first
         self._broken = False
+        self._gpu_feed = GpuFeed(clock=clock)
 
     @property
     def stream(self) -> TextIO:
@@ -85,6 +87,7 @@ class TextView(View):
     def refresh(self, state: RunState) -> None:
         if self._broken or self._throttle is None or not self._throttle.ready(self.clock()):
             return
+        self._gpu_feed.poll(state)
         try:
             self._draw(progress_line(state))
         except Exception as exc:
@@ -165,6 +168,8 @@ def progress_line(state: RunState) -> str:
         parts.append(" ".join(f"{k}={format_value(v)}" for k, v in list(state.latest.items())[:4]))
     if not parts:
         return ""
+    parts.extend(f"GPU{gpu.index} {format_bytes(gpu.used)}/{format_bytes(gpu.total)}"
+                 + ("" if gpu.utilization is None else f" {gpu.utilization}%") for gpu in state.gpus)
     parts.append(format_duration(state.elapsed))
     percent = f"[{int(fraction * 100):3d}%] " if fraction is not None else ""
     return percent + " · ".join(parts)

@@ -2,8 +2,9 @@
 
 Layout, top to bottom: a header (state, what runs where, elapsed, step), one progress
 bar per nesting level of rank 0's `progress()` loops (rate and ETA), the metric curves
-(a PNG in an `ipywidgets.Image`, with metric choice, smoothing and log scale), tables of
-the latest metrics and of the ranks, and a bounded log panel with the output lines.
+(a PNG in an `ipywidgets.Image`, with metric choice, smoothing and log scale), the fp16
+loss scale, tables of the latest metrics, of the ranks (their GPU memory) and of the GPUs
+(NVML, `gpu.GpuFeed`), and a bounded log panel with the output lines.
 
 Every update is throttled (each widget change is one message to the browser): bars at
 most 10 times a second, text twice a second, the plot about once a second or less
@@ -29,6 +30,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from ..gpu import GpuFeed
 from ..state import RunState
 from . import html as fragments
 from . import snapshot
@@ -80,6 +82,7 @@ class WidgetsView(View):
         self._texts = Throttle(TEXT_INTERVAL)
         self._clock_tick = Throttle(HEADER_INTERVAL)
         self._broken = False
+        self.gpu_feed = GpuFeed(clock=clock)
 
     # ------------------------------------------------------------- View API
     def open(self) -> None:
@@ -114,6 +117,7 @@ class WidgetsView(View):
     def refresh(self, state: RunState) -> None:
         if self._broken:
             return
+        self._guarded(self.gpu_feed.poll, state)
         if self.box is None:
             if not dashboard_due(state):
                 return
@@ -227,8 +231,9 @@ class WidgetsView(View):
                 stats.value = fragments.bar_stats(info, eta if index == 0 and len(bars) > 1 else None)
 
     def _tables_html(self, state: RunState) -> str:
-        parts = (fragments.metrics_table(state), fragments.ranks_table(state, self.clock()))
-        return f'<div style="display: flex; flex-wrap: wrap; align-items: flex-start;">{"".join(parts)}</div>'
+        parts = (fragments.metrics_table(state), fragments.ranks_table(state, self.clock()), fragments.gpu_table(state))
+        return (f'{fragments.precision_line(state)}'
+                f'<div style="display: flex; flex-wrap: wrap; align-items: flex-start;">{"".join(parts)}</div>')
 
     def _plotter(self):
         if self._plot is None:

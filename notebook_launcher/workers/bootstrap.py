@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from .. import channel as ch
 from ..serialization import dumps_result, loads_task
-from . import context, heartbeat
+from . import context, device_stats, heartbeat
 from .frames import user_traceback
 from .stacks import register_dump_handler
 
@@ -242,6 +242,8 @@ def _serve(spec: WorkerSpec, channel: ch.WorkerChannel, requests) -> int:
         _prepare(spec, channel)
         channel.send(ch.RankReady(os.getpid(), spec.backend, spec.device))
         heartbeat.start(channel.post)
+        global _device_poster
+        _device_poster = device_stats.start(channel.post)
     except BaseException as exc:
         _report_error(channel, exc)
         return 1
@@ -316,6 +318,7 @@ def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task, send_value: boo
         return 1
     try:
         _flush_std_streams()  # the task's last partial line belongs to this call, before its end
+        _post_device_stats()
         _send_result(spec, channel, value, send_value)
     except BaseException as exc:
         _report_error(channel, exc)
@@ -416,11 +419,28 @@ def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any, send_v
     channel.send(ch.TaskDone(blob, pickler))
 
 
+_device_poster = None   # posts this rank's device figures (`device_stats.start`), once set up
+
+
+def _post_device_stats() -> None:
+    """The task's last device figures (its final peak), before its result or error."""
+    if _device_poster is not None:
+        try:
+            _device_poster()
+        except Exception:
+            pass
+
+
 def _report_error(channel: ch.WorkerChannel, exc: BaseException, exitcode: Optional[int] = None) -> None:
     when = time.monotonic()
     _flush_std_streams()
+    _post_device_stats()
     text = "".join(traceback.format_exception(type(exc), exc, user_traceback(exc.__traceback__)))
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if device_stats.is_out_of_memory(exc):   # name the rank, its GPU and its memory (errors.py adds what to try)
+        ctx = context.current()
+        message = f"{type(exc).__name__}: " + device_stats.explain_out_of_memory(
+            exc, ctx.rank if ctx else -1, ctx.mixed_precision if ctx else "no")
     failed = ch.TaskFailed(
         message=message.splitlines()[0] if message else type(exc).__name__, traceback=text,
         exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}", exception=_pickled_exception(exc),
