@@ -14,7 +14,10 @@ import pytest
 
 from kernel_harness import Kernel, pids_alive
 
-SETUP = """
+# As a Jupyter server (JupyterLab, Notebook 7) starts its kernels, so that display="auto"
+# picks the widgets dashboard these tests count (test_html_view_kernel.py has the others).
+AS_JUPYTER_SERVER = "import os\nos.environ['JPY_SESSION_NAME'] = 'dashboard.ipynb'\n"
+SETUP = AS_JUPYTER_SERVER + """
 import os, time, torch
 import torch.distributed as dist
 from notebook_launcher import notebook_launcher, report, progress
@@ -181,7 +184,7 @@ def test_kernel_shutdown_reaps_a_background_run():
 
 
 def test_a_quick_call_builds_no_dashboard_and_a_reporting_one_does():
-    with Kernel(startup="import sys, time\nfrom notebook_launcher import notebook_launcher, report") as k:
+    with Kernel(startup=AS_JUPYTER_SERVER + "import sys, time\nfrom notebook_launcher import notebook_launcher, report") as k:
         quick = k.run("print(notebook_launcher(lambda: 'quick', num_processes=2, device='cpu'))\n"
                       "print('matplotlib' in sys.modules, 'ipywidgets' in sys.modules)")
         assert quick.status == "ok", quick.traceback
@@ -206,7 +209,7 @@ def test_a_quiet_call_builds_its_dashboard_and_a_broken_ipywidgets_still_gives_t
     quiet = ("def quiet():\n    time.sleep(1.0)\n    return 'done'\n"
              "print(notebook_launcher(quiet, num_processes=2, device='cpu'))\n"
              "print('matplotlib' in sys.modules, 'ipywidgets' in sys.modules)")
-    with Kernel(startup="import sys, time\nfrom notebook_launcher import notebook_launcher") as k:
+    with Kernel(startup=AS_JUPYTER_SERVER + "import sys, time\nfrom notebook_launcher import notebook_launcher") as k:
         works = k.run(quiet)
         assert works.status == "ok", works.traceback
         assert works.stdout.splitlines()[-2:] == ["done", "False True"]
@@ -218,7 +221,7 @@ def test_a_quiet_call_builds_its_dashboard_and_a_broken_ipywidgets_still_gives_t
             "    time.sleep(30)\n"
             "try:\n    notebook_launcher(late_end, num_processes=2, device='cpu')\n"
             "except Exception as exc:\n    print('raised', type(exc).__name__)")
-    with Kernel(startup=f"import sys, time\nsys.path.insert(0, {str(tmp_path)!r})\n"
+    with Kernel(startup=AS_JUPYTER_SERVER + f"import sys, time\nsys.path.insert(0, {str(tmp_path)!r})\n"
                         "from notebook_launcher import notebook_launcher") as k:
         for code, verdict in ((quiet, "succeeded"), (late, "failed")):
             result = k.run(code)

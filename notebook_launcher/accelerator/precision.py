@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-import weakref
 from typing import Any, Optional
 
 import torch
@@ -107,8 +106,7 @@ class CountingGradScaler(torch.amp.GradScaler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.skipped_steps: Any = 0   # an int until the first update, then a tensor on the scale's device
-        _scalers.append(weakref.ref(self))
-        del _scalers[:-1]             # the newest scaler of this process is the one shown
+        _scalers[:] = [self]          # the newest scaler of this process is the one shown
 
     def update(self, new_scale=None) -> None:
         if self.is_enabled() and new_scale is None and self._per_optimizer_states:
@@ -124,12 +122,14 @@ class CountingGradScaler(torch.amp.GradScaler):
         return float(self.get_scale()), int(self.skipped_steps)
 
 
-_scalers: list = []   # [weakref to this process's newest CountingGradScaler]
+# [this process's newest CountingGradScaler], kept after its Accelerator is gone: the task's
+# end posts its last figures after the function returned. (A scale and a count: a few bytes.)
+_scalers: list = []
 
 
 def scaler_facts() -> tuple:
     """(loss scale, skipped steps) of this process's newest fp16 scaler; (None, None) without one."""
-    scaler = _scalers[-1]() if _scalers else None
+    scaler = _scalers[-1] if _scalers else None
     if scaler is None or not scaler.is_enabled():
         return None, None
     try:
