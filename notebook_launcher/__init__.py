@@ -18,8 +18,9 @@ Public API:
 - `WorkerError`: raised in the cell when a worker fails; names the rank that failed
   first and carries its traceback. A subclass of torch's ``ChildFailedError``.
 - `LaunchConfigError`: bad arguments, raised before any process starts.
-- `RayCluster(...)`: options for ``cluster=``: ranks on several nodes of a Ray cluster,
-  from one call (``notebook_launcher(fn, num_processes=P, num_nodes=M, cluster="ray")``).
+- `RayCluster(...)`, `SlurmCluster(...)`: options for ``cluster=``: ranks on several nodes
+  of a Ray or Slurm cluster, from one call
+  (``notebook_launcher(fn, num_processes=P, num_nodes=M, cluster="ray")`` or ``"slurm"``).
 
 Example::
 
@@ -36,14 +37,14 @@ Example::
 
 from .accelerator import Accelerator, ProjectConfiguration
 from .api import notebook_launcher
-from .clusters import RayCluster
+from .clusters import RayCluster, SlurmCluster
 from .errors import LaunchConfigError, WorkerError
 from .reporting import progress, report
 from .run import Run
 from .session import Session, SessionStatus
 
 __all__ = ["notebook_launcher", "report", "progress", "Accelerator", "ProjectConfiguration", "Run",
-           "Session", "SessionStatus", "WorkerError", "LaunchConfigError", "RayCluster"]
+           "Session", "SessionStatus", "WorkerError", "LaunchConfigError", "RayCluster", "SlurmCluster"]
 
 
 def load_ipython_extension(ipython) -> None:

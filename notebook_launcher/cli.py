@@ -109,7 +109,7 @@ def _add_run_parser(commands) -> None:
         help="show a rank's stacks after this long without progress (default 300; 0: never)")
     add("on_stall", choices=("warn", "raise"), default="warn")
     add("display", choices=("text", "none"), default="text")
-    add("cluster", choices=("ray",), help="place the ranks on a cluster: --num_machines nodes of it, "
+    add("cluster", choices=("ray", "slurm"), help="place the ranks on a cluster: --num_machines nodes of it, "
         "--num_processes ranks in all (the kernel's or this process's Ray connection, else ray.init('auto'))")
     run.add_argument("-m", "--module", action="store_true", help="TARGET is a module, run like python -m")
     run.add_argument("target", metavar="TARGET", help="script.py, path/to/file.py:function, or (with -m) a module")

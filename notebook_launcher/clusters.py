@@ -2,7 +2,7 @@
 
 ``cluster=None`` (the default) runs every rank on this machine, as always. A cluster is
 named by a string (``"ray"``, ``"slurm"``) for its defaults, or given as one of these
-objects for options. They are plain data: checking them imports nothing; the engine
+objects (`RayCluster`, `SlurmCluster`) for options. They are plain data: checking them imports nothing; the engine
 itself is imported only when a launch starts.
 
 Example::
@@ -53,15 +53,51 @@ class RayCluster:
         return "Ray"
 
 
+@dataclass(frozen=True)
+class SlurmCluster:
+    """Ranks on a Slurm cluster: one node agent per node, started by ``srun --overlap``.
+
+    Inside an allocation (``SLURM_JOB_ID`` set: ``salloc``, or a Jupyter job) it is used
+    as it is; otherwise a holding job is submitted with ``sbatch`` with these options, and
+    released (``scancel``) when the call or the session ends.
+
+    partition, time, gpus_per_node, cpus_per_task, account: ``sbatch``'s options of those
+        names (``cpus_per_task`` default: one per rank; ``time`` default one hour).
+    sbatch_args: more ``sbatch`` options, e.g. ``("--qos=debug", "--constraint=a100")``.
+    """
+
+    partition: Optional[str] = None
+    time: str = "1:00:00"
+    gpus_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    account: Optional[str] = None
+    sbatch_args: tuple = ()
+    kind: str = field(default="slurm", init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sbatch_args, str):
+            raise LaunchConfigError("SlurmCluster(sbatch_args=...) is a tuple of options, e.g. ('--qos=debug',).")
+        object.__setattr__(self, "sbatch_args", tuple(self.sbatch_args))
+        for name in ("gpus_per_node", "cpus_per_task"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LaunchConfigError(f"SlurmCluster({name}={value!r}) must be a positive whole number.")
+
+    def describe(self) -> str:
+        return "Slurm"
+
+
 def as_cluster(cluster: Any) -> Any:
     """The options object for ``cluster`` (None stays None); raises `LaunchConfigError`."""
     if cluster is None:
         return None
     if isinstance(cluster, str):
-        named = {"ray": RayCluster}
+        named = {"ray": RayCluster, "slurm": SlurmCluster}
         if cluster.lower() not in named:
-            raise LaunchConfigError(f"unknown cluster={cluster!r}: choose 'ray', or pass RayCluster(...).")
+            raise LaunchConfigError(f"unknown cluster={cluster!r}: choose 'ray' or 'slurm', or pass RayCluster(...) "
+                                    "or SlurmCluster(...).")
         return named[cluster.lower()]()
-    if isinstance(cluster, RayCluster):
+    if isinstance(cluster, (RayCluster, SlurmCluster)):
         return cluster
-    raise LaunchConfigError(f"cluster must be None, 'ray' or a RayCluster(...), got {type(cluster).__name__}.")
+    raise LaunchConfigError(f"cluster must be None, 'ray', 'slurm', RayCluster(...) or SlurmCluster(...), "
+                            f"got {type(cluster).__name__}.")

@@ -200,6 +200,12 @@ def _check_cluster_options(cluster, node_rank: int, use_port: Any, rdzv_backend:
 
 
 def _cluster_facts(cluster, num_nodes: int, num_processes: Any, device: str):
+    """Ask the cluster's engine (imported only now) what a launch there will use."""
+    nproc = None if num_processes is None else _positive_int("num_processes", num_processes)
+    if cluster.kind == "slurm":
+        from .ranks.slurm_engine import inspect as inspect_slurm
+
+        return inspect_slurm(cluster, num_nodes, nproc, device)
     try:
         import ray  # noqa: F401
     except ImportError as exc:
@@ -207,7 +213,6 @@ def _cluster_facts(cluster, num_nodes: int, num_processes: Any, device: str):
                                 "'notebook-launcher[ray]' (or pip install 'ray[default]').") from None
     from .ranks.ray_engine import inspect
 
-    nproc = None if num_processes is None else _positive_int("num_processes", num_processes)
     return inspect(cluster, num_nodes, nproc, device)
 
 

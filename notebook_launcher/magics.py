@@ -50,7 +50,7 @@ def _parsers() -> tuple:
     start.add_argument("--stall-timeout", type=float, default=300.0, help="seconds; 0 turns it off")
     start.add_argument("--on-stall", default="warn")
     start.add_argument("--nodes", type=int, default=1, help="nodes of the cluster (with --cluster)")
-    start.add_argument("--cluster", default=None, choices=["ray"], help="run the ranks on a cluster")
+    start.add_argument("--cluster", default=None, choices=["ray", "slurm"], help="run the ranks on a cluster")
     commands.add_parser("stop", add_help=False)
     commands.add_parser("status", add_help=False)
     pull = commands.add_parser("pull", add_help=False)

@@ -2,7 +2,9 @@
 
 - no ``cluster``: ranks forked (or spawned) from this process (`local.LocalRanks`), on
   a rendezvous this process hosts, or (several machines started by hand) node 0's;
-- ``cluster="ray"`` / `RayCluster`: one node agent per Ray node (`ray_engine`).
+- ``cluster="ray"`` / `RayCluster`: one node agent per Ray node (`ray_engine`);
+- ``cluster="slurm"`` / `SlurmCluster`: one node agent per node of a Slurm allocation,
+  started by ``srun`` and dialing back (`slurm_engine`, `dial`).
 
 Example::
 
@@ -29,10 +31,9 @@ def start_group(config, attempt: int, *, persistent: bool, first_task=None,
     thread; on any error everything started is released. ``first_task``: a one-shot
     launch's task (a `workers.tasks.Call`); a session's ranks wait for tasks instead."""
     if config.cluster is not None:
-        from .ray_engine import RayRanks
-
         request = first_request(first_task) if first_task is not None else None
-        return RayRanks.start(config, attempt, persistent=persistent, first_request=request, last_words=last_words)
+        return _engine(config.cluster).start(config, attempt, persistent=persistent, first_request=request,
+                                             last_words=last_words)
     from .local import LocalRanks
 
     config, rdzv = _meet(config, attempt)
@@ -46,6 +47,17 @@ def start_group(config, attempt: int, *, persistent: bool, first_task=None,
     except BaseException:
         rdzv.close()
         raise
+
+
+def _engine(cluster):
+    """The group class of a cluster engine, imported only when a launch needs it."""
+    if cluster.kind == "ray":
+        from .ray_engine import RayRanks
+
+        return RayRanks
+    from .slurm_engine import SlurmRanks
+
+    return SlurmRanks
 
 
 def first_request(task) -> ch.TaskRequest:

@@ -36,6 +36,11 @@ EXIT_GRACE = 10.0      # ranks ending by themselves (returned, or told to shut d
 CALL_TIMEOUT = 30.0    # seconds for an agent's control call (a lost node must not hang the notebook)
 
 
+class NodeGone(Exception):
+    """What an engine knows about why a node's agent went away, in words (e.g. "the Slurm
+    job 12 was cancelled (scancel)")."""
+
+
 @dataclass
 class Node:
     """One node of the job, as the notebook knows it."""
@@ -88,7 +93,8 @@ class RemoteRanks(RankGroup):
                 self.pids.update(batch.pids)
                 out.extend(batch.items)
             elif not node.lost:
-                out.extend(self._lose(node, f"its agent died ({_one_line(batch)})"))
+                why = str(batch) if isinstance(batch, NodeGone) else f"its agent died ({_one_line(batch)})"
+                out.extend(self._lose(node, why))
         now = time.monotonic()
         for node in self.nodes:
             if not node.lost and node.silent_since is not None and now - node.silent_since > LOST_AFTER:
@@ -97,7 +103,7 @@ class RemoteRanks(RankGroup):
 
     def _lose(self, node: Node, why: str) -> list:
         node.lost = why
-        gone = f"lost with {node.label()}: {why}"
+        gone = f"lost with its node: {why}"
         return [Exit(rank, -9, gone) for rank in node.ranks if rank not in self.exitcodes]
 
     # ------------------------------------------------------------- control
