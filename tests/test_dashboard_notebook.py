@@ -3,10 +3,15 @@
 A 20,000-step training with 100,000 output lines runs with the live dashboard; the saved
 file must hold the static summary and the PNG (no live widget left to render) and stay
 under 300 KB. A failing run's saved summary names the rank that failed.
+
+nbclient is a front end no marker names, so ``display="auto"`` is the html view here (one
+display updated in place); the widgets dashboard is asked for by name where it is meant.
+The messages nbclient receives for the html view are counted as they arrive.
 """
 
 import base64
 import json
+import re
 import textwrap
 
 import nbformat
@@ -86,6 +91,61 @@ def test_saved_notebook_holds_the_summary_and_png_and_stays_small(tmp_path):
     assert any("failed" in h and "rank 1 failed" in h and "bad batch 20" in h for h in fail_html)
 
     widget_state = json.dumps(saved.metadata.get("widgets", {}))
-    # nbclient keeps the last state of every widget model, closed or not: a fixed ~50 KB
-    # per run (no step count in it), and no PNG or log in it since they are emptied first.
+    # The html view makes no widget (with display="widgets" nbclient keeps the last state of
+    # every widget model, closed or not: a fixed ~50 KB per run, no PNG or log in it).
     assert len(widget_state) < 150_000 and "iVBOR" not in widget_state and "eval 1" not in widget_state
+
+
+class RecordingClient(NotebookClient):
+    """nbclient, keeping every message it processes: (cell index, type, display id, content)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def process_message(self, msg, cell, cell_index):
+        transient = msg["content"].get("transient", {}) if isinstance(msg["content"], dict) else {}
+        self.seen.append((cell_index, msg["msg_type"], transient.get("display_id"), msg["content"]))
+        return super().process_message(msg, cell, cell_index)   # (it renames update_display_data: recorded first)
+
+
+HTML_RUN = """
+def train(steps):
+    for step in progress(range(steps), desc="step"):
+        report(step, loss=1.0 / (step + 1))
+        time.sleep(0.01)
+    return steps
+
+result = notebook_launcher(train, args=(250,), num_processes=2)
+print("RESULT", result)
+"""
+
+
+def test_the_html_view_through_nbclient_is_update_display_data_on_one_display(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(textwrap.dedent(SETUP)), nbformat.v4.new_code_cell(textwrap.dedent(HTML_RUN))]
+    client = RecordingClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    seen = [entry for entry in client.seen if entry[0] == 1]
+    shown = [(kind, display_id, content) for _, kind, display_id, content in seen
+             if kind in ("display_data", "update_display_data")]
+    live_id = shown[0][1]
+    assert shown[0][0] == "display_data" and live_id
+    updates = [content for kind, display_id, content in shown if kind == "update_display_data"]
+    assert len(updates) >= 3 and all(display_id == live_id for kind, display_id, _ in shown
+                                      if kind == "update_display_data")
+    assert all(WIDGET_VIEW not in content["data"] for _, _, content in shown)
+    steps = [int(m.group(1)) for u in updates[:-1]
+             for m in [re.search(r"(\d+)/250", u["data"]["text/html"])] if m]
+    assert len(steps) >= 2 and steps == sorted(steps) and steps[0] < steps[-1], steps   # it moved live
+    assert "✔ succeeded" in updates[-1]["data"]["text/html"]
+    saved_path = tmp_path / "html.ipynb"
+    nbformat.write(nb, str(saved_path))
+    saved = nbformat.read(str(saved_path), as_version=4)
+    outputs = saved.cells[1].outputs
+    datas = [o.data for o in outputs if o.output_type == "display_data"]
+    assert "succeeded" in datas[0]["text/html"] and "250/250" in datas[0]["text/html"]   # the display became the summary
+    assert "notebook-launcher-dashboard" not in json.dumps(saved.cells[1])                # no live frame kept
+    assert any("image/png" in d for d in datas)
+    assert "RESULT 250" in "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert not saved.metadata.get("widgets")
