@@ -147,6 +147,9 @@ def run_command(args: argparse.Namespace, unknown: list) -> int:
     except LaunchConfigError as exc:
         print(f"notebook_launcher run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if "CUDA_VISIBLE_DEVICES" in env and kwargs.get("device") != "cuda" and not _gpus_visible():
+        print(f"notebook_launcher run: --gpu_ids {env['CUDA_VISIBLE_DEVICES']} given, but no GPU is visible here: "
+              "the workers run on the CPU.", file=sys.stderr)
     os.environ.update(env)
     if task.kind == "function":   # rank 0's value may be an object of a class the file defines
         sys.path.insert(0, os.path.dirname(task.target))
@@ -164,6 +167,12 @@ def run_command(args: argparse.Namespace, unknown: list) -> int:
     if task.kind == "function" and value is not None:
         print(repr(value))
     return 0
+
+
+def _gpus_visible() -> bool:
+    from . import environment
+
+    return environment.detect().has_gpus
 
 
 def _flag_settings(args: argparse.Namespace):

@@ -426,6 +426,7 @@ def test_gpu_ids_on_a_machine_without_gpus(tmp_path):
     out = run_cli("run", "--num_processes", "2", "--gpu_ids", "0,1", str(script), cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Launching on 2 CPU processes (gloo, fork)" in out.stdout
+    assert "--gpu_ids 0,1 given, but no GPU is visible here: the workers run on the CPU." in out.stderr
     records = rank_records(out.stdout)
     assert sorted(records) == [0, 1] and all(r["visible"] == "0,1" and r["backend"] == "gloo" and not r["cuda"]
                                              for r in records.values()), out.stdout
