@@ -7,6 +7,7 @@ A call is one task on some ranks of a group: a one-shot launch attempt (`launche
       -> supervise it to its end (`monitor.Supervisor`)
       -> Interrupt: the owner's ``interrupted`` (a session forwards it to the ranks)
       -> the owner's ``ended`` (a one-shot tears its ranks down; a session may break)
+      -> the files its ranks handed over for big values claimed by its results, or closed
       -> its trackers closed with the call's status, the state finished, the view finished
 
 `run_call` is that sequence, written once; the owners only fill in their differences
@@ -87,10 +88,22 @@ def run_call(call: Call, owner: CallOwner) -> Outcome:
                 owner.interrupted(supervisor)
             raise
         finally:
-            _steps(supervisor.close, lambda: owner.ended(outcome, status))
+            _steps(supervisor.close, lambda: owner.ended(outcome, status), lambda: settle_values(call, outcome, status))
     finally:
         finish(call.view, call.state, status, None if outcome is None else outcome.root, call.hub)
     return outcome
+
+
+def settle_values(call: Call, outcome: Optional[Outcome], status: RunStatus) -> None:
+    """Big values of ranks on this machine arrive as memory files (`shared_memory`): once
+    the ranks have left the call, give each to its result when the call succeeded, and
+    close whatever else they sent (a failed or interrupted call's values)."""
+    if not call.group.single_host:
+        return
+    from . import shared_memory
+
+    results = outcome.results if outcome is not None and status == RunStatus.SUCCEEDED else {}
+    shared_memory.settle(results, {call.group.pid(rank) for rank in call.targets} - {None})
 
 
 def finish(view: View, state: RunState, status: RunStatus, failure, hub=None) -> None:

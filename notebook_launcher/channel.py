@@ -10,11 +10,14 @@ Worker -> parent (the events pipe):
 - `RankReady`: set up, process group formed; waiting for tasks.
 - `Report`, `ProgressUpdate`: `report()` and `progress()` from the running task.
 - `Heartbeat`: the worker's main thread moved since the last beat.
-- `TaskDone`: the task returned (its value pickled, or None for ranks that send none).
+- `TaskDone`: the task returned (its value pickled, or a `serialization.Parcel` when it has
+  tensor or array data; None for ranks that send none).
 - `TaskFailed`: the task raised; built into a `errors.Failure` in one place
   (`errors.failure_from`).
 
 Parent -> worker (the control pipe): `TaskRequest` (run one task) and `Shutdown`.
+Big tensor data travels beside the frames, not in them, between processes of one machine
+(`shared_memory`): a request names the notebook's memory file and its inbox.
 EOF closes the control pipe: the worker takes it as "the parent is gone".
 
 Two ways for a worker to send, for two kinds of messages:
@@ -72,7 +75,7 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class TaskDone:
-    value: Optional[bytes] = None    # None: this rank was not asked for its value
+    value: Any = None                # bytes or a `serialization.Parcel`; None: this rank was not asked for its value
     pickler: Optional[str] = None    # "pickle" | "dill"
 
 
@@ -108,6 +111,9 @@ class TaskRequest:
     blob: bytes                      # the task (`workers.tasks`), pickled with dill
     send_value: bool                 # return the value, or only say it is done
     sources: dict = field(default_factory=dict)  # notebook cells for tracebacks (linecache entries)
+    buffers: Optional[list] = None   # the task's out-of-band buffers, inline
+    shared: Any = None               # or a `shared_memory.SharedRef` to them (ranks of the notebook's machine)
+    inbox: Optional[bytes] = None    # where a big value goes back (`shared_memory.Inbox`); None: inline
 
 
 @dataclass(frozen=True)

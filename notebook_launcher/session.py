@@ -33,6 +33,7 @@ import weakref
 from typing import Any, Optional
 
 from . import channel as ch
+from . import shared_memory
 from .calls import Call, finish, run_call
 from .config import LaunchConfig, resolve
 from .errors import LaunchConfigError
@@ -41,7 +42,7 @@ from .launcher import collect, new_state, show_lines, stall_watch
 from .monitor import Outcome, Supervisor
 from .ranks import notebook_sources, start_group
 from .ranks.base import RankGroup, frame_of
-from .serialization import dumps_task
+from .serialization import dumps_task_parts
 from .state import RunState, RunStatus, Status
 from .trackers import TrackerHub
 from .ui import make_view, resolve_display
@@ -50,6 +51,7 @@ from .workers import tasks
 
 INTERRUPT_GRACE = 1.0   # seconds ranks get to leave a task after an Interrupt (the cell promises 2 s)
 START_TIMEOUT = 300.0   # seconds for every rank to form the process group
+BIND_TIMEOUT = 30.0     # seconds for the ranks to bind (or drop) pushed values they already hold
 
 
 class SessionStatus(Status):
@@ -106,6 +108,7 @@ class Session:
         self.state: Optional[RunState] = None      # the last call's state
         self._ranks: Optional[RankGroup] = None
         self._task_id = 0
+        self._pushes = 0
         self._generation = 0
         self._sent_sources: set = set()
         self._lock = threading.Lock()               # one call at a time
@@ -278,14 +281,38 @@ class Session:
         return collect(results, targets, return_all=True)[0]
 
     def push(self, **values) -> None:
-        """Bind ``values`` in every rank's namespace (sent by value, with dill).
+        """Bind ``values`` in every rank's namespace (sent by value, with dill; tensors and
+        arrays through shared memory on this machine, written once for every rank).
+
+        Every rank binds them, or none does: first every rank loads the values (the long
+        step, which an Interrupt or a rank's error may cut), then, once all of them hold
+        them, a second, tiny step binds them (Interrupts held for its round trip); a push
+        cut in its first step drops what the ranks loaded.
 
         Example::
 
             session.push(lr=0.1, data=my_tensor)
             session.execute("print(lr, data.shape)")
         """
-        self._call(tasks.Push(values), values_from=[])
+        self._pushes += 1
+        key = self._pushes
+        try:
+            self._call(tasks.Push(values, key), values_from=[])
+        except BaseException:
+            self._end_push(key, bind=False)
+            raise
+        self._end_push(key, bind=True)
+
+    def _end_push(self, key: int, bind: bool) -> None:
+        """The push's second step: bind (or drop) on every rank the values they hold. A
+        broken or closed session has no ranks left holding them."""
+        if self.status != SessionStatus.IDLE or self._lock.locked():  # broken, closed, or another call's turn
+            return
+        with interrupts_deferred():
+            self._call(tasks.Bind(key, bind), values_from=[], timeout=BIND_TIMEOUT)
+        if self.status == SessionStatus.BROKEN:
+            raise RuntimeError(f"the pushed values could not be bound on every rank: the session is broken "
+                               f"({self.broken_because})")
 
     def _targets(self, ranks: Optional[list]) -> list:
         if ranks is None:
@@ -295,24 +322,26 @@ class Session:
             raise LaunchConfigError(f"rank {bad[0]} is not in this session: its ranks are {self.ranks}.")
         return sorted(set(ranks))
 
-    def _call(self, task, ranks: Optional[list] = None, values_from: Optional[list] = None) -> dict:
+    def _call(self, task, ranks: Optional[list] = None, values_from: Optional[list] = None,
+              timeout: Optional[float] = None) -> dict:
         """Send ``task`` to ``ranks`` (all by default) and supervise it to its end; returns
-        {rank: (blob, pickler) or None}. ``values_from``: the ranks whose value is wanted
-        (None: rank 0)."""
+        {rank: (payload, pickler) or None}. ``values_from``: the ranks whose value is wanted
+        (None: rank 0). ``timeout``: seconds, then the ranks still in it break the session."""
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this session is already running a call (one call at a time)")
         try:
             self._usable()
-            return self._supervise(task, self._targets(ranks), [0] if values_from is None else values_from)
+            return self._supervise(task, self._targets(ranks), [0] if values_from is None else values_from, timeout)
         finally:
             self._lock.release()
 
-    def _supervise(self, task, targets: list, values_from: list) -> dict:
+    def _supervise(self, task, targets: list, values_from: list, timeout: Optional[float] = None) -> dict:
         self._task_id += 1
         state = self.state = new_state(self.config, targets)
         owner = _SessionCall(self, task, targets, values_from)
         call = Call(self._ranks, targets, self._task_id, state, self._view(), persistent=True, tick=self.config.tick,
-                    stall=stall_watch(self.config), hub=TrackerHub())  # a call's init_trackers: a run of its own
+                    stall=stall_watch(self.config), hub=TrackerHub(),  # a call's init_trackers: a run of its own
+                    timeout=timeout)
         self.status = SessionStatus.RUNNING
         try:
             outcome = run_call(call, owner)
@@ -327,18 +356,37 @@ class Session:
             raise error
         return outcome.results
 
-    def _send_task(self, task, targets: list, values_from: list) -> None:
+    def _send_task(self, task, targets: list, values_from: list) -> Optional[shared_memory.Outgoing]:
         """Write the task to every target rank, whole: an Interrupt waits until every
         frame is written (a rank with half a request would wait for the rest forever),
-        then lands in the supervised call, which forwards it to the ranks."""
-        blob = dumps_task(task)
+        then lands in the supervised call, which forwards it to the ranks.
+
+        On this machine, big tensor and array data goes into one memory file that every
+        rank maps (written once, whatever the number of ranks), and big values come back
+        through this process's inbox (`shared_memory`); returned: the file, which the
+        caller closes when the call ends. On a cluster, everything travels inline."""
+        blob, buffers = dumps_task_parts(task)
+        here = self._ranks.single_host and shared_memory.enabled()
+        raws = [buffer.raw() for buffer in buffers]
+        outgoing = None
+        if here and sum(raw.nbytes for raw in raws) >= shared_memory.MIN_SHARED_BYTES:
+            outgoing = shared_memory.Outgoing(raws)   # an Interrupt while writing: closed, nothing sent
+        extra = dict(buffers=None if outgoing or not buffers else buffers, shared=outgoing and outgoing.ref,
+                     inbox=shared_memory.inbox_address() if here else None)
         sources = notebook_sources(skip=frozenset(self._sent_sources))
-        with interrupts_deferred():
-            for send_value in (True, False):
-                ranks = [r for r in targets if (r in values_from) == send_value]
-                if ranks:
-                    self._ranks.send(ranks, frame_of(ch.TaskRequest(blob, send_value, sources), self._task_id))
+        try:
+            with interrupts_deferred():
+                for send_value in (True, False):
+                    ranks = [r for r in targets if (r in values_from) == send_value]
+                    if ranks:
+                        request = ch.TaskRequest(blob, send_value, sources, **extra)
+                        self._ranks.send(ranks, frame_of(request, self._task_id))
+        except BaseException:
+            if outgoing is not None:
+                outgoing.close()
+            raise
         self._sent_sources.update(sources)
+        return outgoing
 
     def _view(self) -> View:
         """Output lines at once; the dashboard only once a rank reports or shows progress,
@@ -369,16 +417,23 @@ class _SessionCall:
     def __init__(self, session: Session, task, targets: list, values_from: list) -> None:
         self.session, self.task, self.targets, self.values_from = session, task, targets, values_from
         self.stuck: list = []
+        self.sent = False
+        self.outgoing: Optional[shared_memory.Outgoing] = None
 
     def send(self) -> None:
-        self.session._send_task(self.task, self.targets, self.values_from)
+        self.outgoing = self.session._send_task(self.task, self.targets, self.values_from)
+        self.sent = True
 
     def interrupted(self, supervisor: Supervisor) -> None:
+        if not self.sent:
+            return  # interrupted while pickling or writing the task: no rank has it
         group = self.session._ranks
         group.interrupt([r for r in self.targets if r not in supervisor.finished and group.exitcode(r) is None])
         self.stuck = supervisor.wind_down(INTERRUPT_GRACE)
 
     def ended(self, outcome: Optional[Outcome], status: RunStatus) -> None:
+        if self.outgoing is not None:
+            self.outgoing.close()   # the ranks have left the task: what they mapped stays theirs
         if self.stuck:
             self.session._break(f"rank {self.stuck[0]} could not be interrupted")
         elif outcome is not None and (outcome.died or outcome.unfinished):

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import channel as ch
-from ..serialization import dumps_result, loads_task
+from ..serialization import dumps_result, load_request
+from ..shared_memory import inherited_inbox
 from . import context, device_stats, heartbeat
 from .frames import user_traceback
 from .stacks import register_dump_handler
@@ -297,11 +298,15 @@ def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task, send_value: boo
     frame cut by it would garble the channel), and an idle worker ignores it.
     """
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    inbox = None
     try:
         try:
             if isinstance(task, ch.TaskRequest):
                 linecache.cache.update(task.sources)
-                task = loads_task(task.blob)
+                inbox = task.inbox
+                task = load_request(task)      # its buffers inline, or mapped from the notebook's memory file
+            else:
+                inbox = inherited_inbox()      # a forked one-shot rank: the notebook's, if it is our parent
             value = task.run(namespace)
             if not spec.persistent:
                 _finish_together()
@@ -319,7 +324,7 @@ def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task, send_value: boo
     try:
         _flush_std_streams()  # the task's last partial line belongs to this call, before its end
         _post_device_stats()
-        _send_result(spec, channel, value, send_value)
+        _send_result(spec, channel, value, send_value, inbox)
     except BaseException as exc:
         _report_error(channel, exc)
         return 1
@@ -405,12 +410,15 @@ def _destroy_process_group() -> None:
         pass
 
 
-def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any, send_value: bool) -> None:
+def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any, send_value: bool,
+                 inbox: Optional[bytes] = None) -> None:
+    """``inbox``: the notebook's, when it runs on this machine (big values go through
+    shared memory, `shared_memory`); None: the value travels inline."""
     if not send_value:
         channel.send(ch.TaskDone())
         return
     try:
-        blob, pickler = dumps_result(value)
+        blob, pickler = dumps_result(value, inbox)
     except Exception as exc:
         raise TypeError(
             f"rank {spec.rank}'s return value ({type(value).__name__}) could not be pickled: {exc}. "

@@ -1,7 +1,8 @@
 """What a rank can be asked to do, each a small picklable object with ``run(namespace)``.
 
-Tasks travel to the ranks pickled with dill (`serialization.dumps_task`), so a function
-defined in the notebook after the ranks started still works: it goes by value. The
+Tasks travel to the ranks pickled with dill (`serialization.dumps_task_parts`), so a
+function defined in the notebook after the ranks started still works: it goes by value;
+their tensors and arrays travel as buffers beside the pickle (`shared_memory`). The
 ``namespace`` is the rank's own persistent dict of names (what ``%%dist`` cells define);
 `Call` does not use it, the others live in it.
 
@@ -9,6 +10,7 @@ Example::
 
     Execute("x = rank * 2", "<dist-cell-1>").run(namespace)   # namespace["x"] == 2 on rank 1
     Execute("x + 1", "<dist-cell-2>").run(namespace)          # "3" on rank 1
+    Push({"lr": 0.1}, key=1).run(namespace); Bind(1).run(namespace)   # namespace["lr"] == 0.1
 """
 
 from __future__ import annotations
@@ -64,12 +66,39 @@ class Pull:
         return namespace[self.name]
 
 
+# Values of a push loaded on this rank, waiting for the push's second step (`Bind`).
+_held: dict = {}
+
+
 @dataclass
 class Push:
-    """Bind names in the rank's namespace."""
+    """The first step of a push: the values are loaded here (their buffers mapped from the
+    notebook's memory file, or copied from the message, as the task is unpickled) and held
+    aside, unbound, until `Bind` says that every rank holds them. A newer push drops an
+    older one that never got its second step (it was interrupted)."""
 
     values: dict
+    key: int = 0
 
     def run(self, namespace: dict) -> Any:
-        namespace.update(self.values)
+        _held.clear()
+        _held[self.key] = self.values
+        return None
+
+
+@dataclass
+class Bind:
+    """The second step of a push: bind the held values in the rank's namespace (or, with
+    ``bind=False``, drop them: the first step was cut on some rank)."""
+
+    key: int
+    bind: bool = True
+
+    def run(self, namespace: dict) -> Any:
+        values = _held.pop(self.key, None)
+        _held.clear()
+        if self.bind:
+            if values is None:
+                raise RuntimeError("the pushed values are not held on this rank (their first step did not run here)")
+            namespace.update(values)
         return None
