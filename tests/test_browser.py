@@ -1,5 +1,6 @@
-"""The quickstart notebook in a real browser: JupyterLab on loopback, Debian's Chromium
-headless driven by Playwright, Run All, and what a person would see.
+"""Notebooks in a real browser: JupyterLab on loopback, Debian's Chromium headless driven
+by Playwright, Run All, and what a person would see: the quickstart with the widgets
+dashboard, and the html dashboard (display="html", no widgets) blocking and in the background.
 
 Needs ``/usr/bin/chromium`` (apt package ``chromium``) and the ``playwright`` Python
 package; skipped, saying which is missing, without them. Nothing is downloaded: Playwright
@@ -16,8 +17,8 @@ import psutil
 import pytest
 
 from browser.jupyterlab import JupyterLab, group_members
-from browser.notebook_page import (CHROMIUM, CHROMIUM_ARGS, WATCH_JS, code_cell, open_notebook, run_all,
-                                   wait_all_executed, watched)
+from browser.notebook_page import (CHROMIUM, CHROMIUM_ARGS, HTML_WATCH_JS, WATCH_JS, code_cell, open_notebook,
+                                   run_all, wait_all_executed, watched, watched_html)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = "01-quickstart.ipynb"
@@ -125,6 +126,90 @@ def _screenshot_live_dashboard(page) -> str:
         return path
     except Exception as exc:   # the summary screenshot still comes
         return f"not taken ({type(exc).__name__})"
+
+
+HTML_CELLS = [
+    """import time
+from notebook_launcher import notebook_launcher, report, progress
+
+def train(steps):
+    for step in progress(range(steps), desc="step"):
+        report(step, loss=1.0 / (step + 1))
+        if step % 50 == 0:
+            print("at step", step, flush=True)
+        time.sleep(0.02)
+    return steps""",
+    'print("RESULT", notebook_launcher(train, args=(300,), num_processes=2, display="html"))',
+    'run = notebook_launcher(train, args=(300,), num_processes=2, display="html", block=False)',
+    'time.sleep(4); print("meanwhile", run.status)',
+    'print("BACKGROUND", run.result(120))',
+]
+
+
+def test_html_dashboard_renders_updates_live_and_ends_as_the_summary(playwright, tmp_path):
+    """The html view in JupyterLab: a blocking run's display moves live and becomes the
+    summary; a block=False run's display, in its launching cell, moves while the next cell
+    runs and becomes the summary too. Not a widget anywhere on the page."""
+    import nbformat
+
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    root = tmp_path / "root"
+    root.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in HTML_CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}  # no kernel picker
+    nbformat.write(nb, str(root / "html.ipynb"))
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    lab = JupyterLab(str(root), os.path.join(ARTIFACTS, "jupyterlab-html.log"))
+    page = None
+    try:
+        lab.start()
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        open_notebook(page, lab.url("lab/tree/html.ipynb"))
+        page.evaluate(HTML_WATCH_JS)
+        run_all(page)
+        wait_all_executed(page, RUN_TIMEOUT)
+        blocking, background = code_cell(page, "display=\"html\"))"), code_cell(page, "block=False")
+        page.wait_for_function("() => [...document.querySelectorAll('.jp-CodeCell')][2]"
+                               ".innerText.includes('✔ succeeded')", timeout=60_000)
+        seen = watched_html(page)
+        page.screenshot(path=os.path.join(ARTIFACTS, "html-page.png"))
+        blocking.screenshot(path=os.path.join(ARTIFACTS, "html-blocking-summary.png"))
+
+        # live: several frames, the step count moving, the inline plot loaded
+        for cell in ("1", "2"):
+            steps = seen["steps"].get(cell, [])
+            assert len(seen["frames"].get(cell, [])) >= 3 and len(steps) >= 3, (cell, seen)
+            assert steps == sorted(steps) and steps[0] < steps[-1] <= 300, (cell, steps)
+        assert seen["liveImages"] >= 2, seen["liveImages"]
+
+        # the end: the static summary, with its plot, and no live frame left
+        for cell in (blocking, background):
+            output = cell.locator(".jp-OutputArea")
+            text = output.inner_text()
+            assert "✔ succeeded" in text and "300/300" in text and "2 CPU processes (gloo, fork)" in text, text
+            assert output.locator(".notebook-launcher-dashboard").count() == 0
+            plots = output.locator("img")
+            assert plots.count() >= 1 and plots.first.evaluate("img => img.complete && img.naturalWidth > 200")
+        assert "RESULT 300" in blocking.inner_text() and "at step 250" in blocking.inner_text()
+        meanwhile = code_cell(page, "meanwhile").locator(".jp-OutputArea").inner_text()
+        assert "meanwhile running" in meanwhile and "succeeded" not in meanwhile   # nothing leaked into it
+        assert "BACKGROUND 300" in code_cell(page, "BACKGROUND").inner_text()
+        assert page.locator(".jupyter-widgets, .widget-hprogress").count() == 0
+        assert "Error displaying widget" not in page.inner_text("body")
+        print(f"\nframes seen: blocking {len(seen['frames']['1'])}, background {len(seen['frames']['2'])}; "
+              f"steps {seen['steps']['1'][:3]}...{seen['steps']['1'][-1]}")
+    except Exception:
+        if page is not None:
+            page.screenshot(path=os.path.join(ARTIFACTS, "html-failure.png"))
+        raise
+    finally:
+        pgid = lab.process.pid if lab.process is not None else None
+        try:
+            browser.close()
+        finally:
+            lab.stop()
+    assert pgid is None or not group_members(pgid), "JupyterLab's processes outlived it"
 
 
 def _code_cells(path) -> int:

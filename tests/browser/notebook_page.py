@@ -49,6 +49,41 @@ WATCH_JS = """
 """
 
 
+# window.__html: what the html dashboard (display="html": one display updated in place,
+# no widgets) showed while it lived, per launching cell (its prompt's cell index):
+# {frames: {cell: [distinct frame texts]}, steps: {cell: [step counts seen, in order]},
+# liveImages: count of loaded inline plots}.
+HTML_WATCH_JS = r"""
+() => {
+  if (window.__html) return;
+  const watch = {frames: {}, steps: {}, liveImages: 0};
+  window.__html = watch;
+  const cells = () => [...document.querySelectorAll('.jp-CodeCell')];
+  const scan = () => {
+    const all = cells();
+    for (const board of document.querySelectorAll('.notebook-launcher-dashboard')) {
+      const cell = all.indexOf(board.closest('.jp-CodeCell'));
+      const text = board.innerText;
+      const frames = watch.frames[cell] = watch.frames[cell] || [];
+      if (frames[frames.length - 1] !== text) frames.push(text);
+      const found = text.match(/step\s+[█░]*\s*(\d+)\/(\d+)/);
+      if (found) {
+        const steps = watch.steps[cell] = watch.steps[cell] || [];
+        const n = parseInt(found[1]);
+        if (steps[steps.length - 1] !== n) steps.push(n);
+      }
+      for (const img of board.querySelectorAll('img.notebook-launcher-plot')) {
+        if (img.complete && img.naturalWidth > 0 && !img.__counted) { img.__counted = true; watch.liveImages += 1; }
+        else if (!img.__listening) { img.__listening = true; img.addEventListener('load', scan); }
+      }
+    }
+  };
+  new MutationObserver(scan).observe(document.body, {subtree: true, childList: true, characterData: true});
+  scan();
+}
+"""
+
+
 def open_notebook(page, url: str, timeout_s: float = 90) -> None:
     """Load the notebook and wait until its kernel is idle."""
     page.goto(url, timeout=timeout_s * 1000)
@@ -92,3 +127,7 @@ def wait_all_executed(page, timeout_s: float) -> list:
 
 def watched(page) -> dict:
     return page.evaluate("() => window.__watch")
+
+
+def watched_html(page) -> dict:
+    return page.evaluate("() => window.__html")
