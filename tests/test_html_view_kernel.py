@@ -347,3 +347,27 @@ def test_the_dev_shm_size_is_read_from_the_filesystem():
     stat = os.statvfs("/dev/shm")
     assert shm_bytes() == stat.f_blocks * stat.f_frsize > 0
     assert shm_bytes("/no/such/dir") is None
+
+
+# ----------------------------------------------------------------- sessions
+def test_a_session_cell_with_the_html_view_prints_its_lines_once_and_updates_one_display():
+    with Kernel(startup="%load_ext notebook_launcher") as k:
+        started = k.run("%dist start -n 2 --device cpu --display html", timeout=60)
+        assert started.status == "ok", started.traceback
+        cell = execute(k, """%%dist
+import time
+for step in progress(range(40), desc="cell"):
+    report(step, loss=1.0 / (step + 1))
+    if step % 10 == 0:
+        print("cell step", step)
+    time.sleep(0.03)
+""")
+        assert not cell.error(), cell.error()
+        assert cell.text().count("[rank0]: cell step 30") == 1           # the cell's own prints, once
+        assert not cell.of_type("comm_open", "comm_msg")
+        live = display_ids(cell.messages, "display_data")[0]
+        assert set(display_ids(cell.messages, "update_display_data")) == {live}
+        final = cell.of_type("update_display_data")[-1]["content"]["data"]["text/html"]
+        assert "✔ succeeded" in final and "40/40" in final and "cell step" not in final   # lines not repeated
+        assert k.run("%dist stop").status == "ok"
+        assert not k.wait_no_descendants()
