@@ -551,10 +551,27 @@ def driver_init_origin() -> str:
 
         driver_init_origin()   # "cupy (imported here)"
     """
-    imported = [name for name in CUDA_DRIVER_LIBRARIES if name in sys.modules]
+    imported = [name for name in CUDA_DRIVER_LIBRARIES if name in sys.modules] or _modules_holding_the_driver()
     if imported:
         return f"{', '.join(imported)} (imported here)"
     return "a library imported here, not torch (cupy, numba, JAX and Triton are known to)"
+
+
+def _modules_holding_the_driver() -> list:
+    """Modules that keep the driver's library as a ctypes handle in their globals (code
+    that calls ``cuInit`` through ctypes): named when no known library is imported. Only
+    asked once the driver is found initialized."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        try:
+            values = list(vars(module).values())
+        except TypeError:
+            continue
+        # type(), not isinstance: some module globals warn when their __class__ is read
+        if any(issubclass(type(value), ctypes.CDLL) and os.path.basename(str(getattr(value, "_name", ""))).startswith(
+                CUDA_DRIVER_LIBRARY) for value in values):
+            found.append(name)
+    return [name for name in found if name != __name__][:3]
 
 
 # ----------------------------------------------------------------- /dev/shm

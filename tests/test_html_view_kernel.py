@@ -317,6 +317,16 @@ def test_a_driver_initialized_by_another_library_switches_to_spawn_and_names_it(
         assert not k.wait_no_descendants()
 
 
+def test_a_library_not_known_by_name_is_named_by_the_driver_handle_it_holds(fake_driver):
+    (fake_driver / "my_gpu_lib.py").write_text(
+        f"import ctypes\n_driver = ctypes.CDLL({str(fake_driver / 'libcuda.so.1')!r})\n_driver.cuInit(0)\n")
+    with Kernel(startup=f"import sys\nsys.path.insert(0, {str(fake_driver)!r})\n"
+                        "from notebook_launcher.config import resolve") as k:
+        k.run("import my_gpu_lib")
+        notes = k.value("resolve(lambda: 1, num_processes=2, device='cpu').notes")
+        assert any("by a library other than torch (my_gpu_lib (imported here))" in note for note in notes), notes
+
+
 def test_fork_on_gpus_after_another_library_initialized_the_driver_is_refused():
     env = Environment(gpu_count=2, cuda_initialized=False, platform="jupyter", cpu_count=2,
                       driver_initialized=True, driver_init_origin="jax (imported here)")
