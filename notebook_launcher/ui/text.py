@@ -85,9 +85,9 @@ class TextView(View):
             self.write(stream, text)
 
     def refresh(self, state: RunState) -> None:
+        self._gpu_feed.poll(state)   # its own pace (once a second): the state has them whatever the line's
         if self._broken or self._throttle is None or not self._throttle.ready(self.clock()):
             return
-        self._gpu_feed.poll(state)
         try:
             self._draw(progress_line(state))
         except Exception as exc:
