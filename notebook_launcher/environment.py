@@ -534,13 +534,18 @@ def loaded_library(prefix: str) -> Optional[str]:
     """The path of a shared library mapped in this process whose file name starts with
     ``prefix`` (``/proc/self/maps``), or None."""
     try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split(None, 5)[-1].strip() if line.count(" ") >= 5 else ""
-                if path.startswith("/") and os.path.basename(path).startswith(prefix):
-                    return path
+        with open("/proc/self/maps", "rb") as maps:
+            data = maps.read()
     except OSError:
-        pass
+        return None
+    needle = ("/" + prefix).encode()
+    at = data.find(needle)   # one scan of the bytes: a launch pays microseconds, not a parse of every line
+    while at != -1:
+        start, end = data.rfind(b" ", 0, at) + 1, data.find(b"\n", at)
+        path = data[start:end if end != -1 else len(data)].decode(errors="replace")
+        if path.startswith("/") and os.path.basename(path).startswith(prefix):
+            return path
+        at = data.find(needle, at + 1)
     return None
 
 
