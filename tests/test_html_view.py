@@ -13,7 +13,7 @@ from notebook_launcher import channel as ch
 from notebook_launcher.gpu import SAMPLE_INTERVAL, GpuFeed, NvmlSampler, format_bytes
 from notebook_launcher.state import Finished, Output, Received, RunState, Started
 from notebook_launcher.ui import auto_display
-from notebook_launcher.ui.html_view import CLOCK_INTERVAL, UPDATE_INTERVAL, HtmlView, frame_html
+from notebook_launcher.ui.html_view import BYTES_PER_SECOND, CLOCK_INTERVAL, UPDATE_INTERVAL, HtmlView, frame_html
 
 STANDINS = os.path.join(os.path.dirname(__file__), "standins")
 
@@ -29,11 +29,16 @@ class Clock:
 class Page:
     """What a front end holds: displays by id, each replaced by its updates."""
 
-    def __init__(self):
+    def __init__(self, clock=None):
+        self.clock = clock
+        self.times = []        # when each display or update was sent (the view's clock)
         self.displays = []     # [bundle], in order of display
         self.sent = []         # ("display" | "update", index)
+        self.bytes = []        # the HTML's size of each display or update
 
     def publish(self, bundle, handle):
+        self.bytes.append(len(bundle.get("text/html", "")))
+        self.times.append(self.clock() if self.clock else None)
         if handle is None:
             self.displays.append(bundle)
             self.sent.append(("display", len(self.displays) - 1))
@@ -101,6 +106,23 @@ def test_frames_follow_the_state_at_a_bounded_rate():
         clock.t += 0.1
         view.refresh(state)
     assert before + 2 <= len(page.sent) <= before + 3 / CLOCK_INTERVAL + 1
+
+
+def test_big_frames_come_less_often():
+    clock = Clock()
+    page = Page(clock)
+    view = HtmlView(title="t", clock=clock, publish=page.publish)
+    state = fresh_state(clock)
+    view.start(state)
+    for step in range(2000):                               # 6 plotted metrics for 10 simulated seconds
+        clock.t += 0.005
+        state.apply(metrics(0, step, {f"metric{i}": (step % (50 + i)) / (i + 1) for i in range(6)}, clock.t))
+        view.refresh(state)
+    assert len(page.html()) > 30_000                                      # each frame carries a big PNG
+    # after a frame of N bytes the next waits N / BYTES_PER_SECOND: about 64 KB a second reach the page
+    gaps = [(size, later - at) for size, at, later in zip(page.bytes, page.times, page.times[1:])]
+    assert all(gap >= size / BYTES_PER_SECOND - 0.01 for size, gap in gaps), gaps
+    assert any(size / BYTES_PER_SECOND > UPDATE_INTERVAL for size, _ in gaps), gaps   # the rule mattered here
 
 
 def test_a_blocking_run_ends_as_the_static_summary_with_the_plot_and_log_after_it():

@@ -11,8 +11,9 @@ the ranks (their GPU memory) and of the GPUs, and the last output lines.
 
 Invariants:
 - every frame is a function of the run state (`frame_html`); the view only decides when;
-- at most one update every `UPDATE_INTERVAL` seconds, and only when the state changed or
-  the elapsed clock moved a second; a new PNG at most once a second (less often when
+- at most one update every `UPDATE_INTERVAL` seconds (fewer for big frames: about
+  `BYTES_PER_SECOND` reach the page), and only when the state changed or the elapsed
+  clock moved a second; a new PNG at most once a second (less often when
   drawing would take more than `PLOT_DUTY` of a core), the first one as soon as there is
   a metric; so a burst of 10,000 reports costs a handful of messages;
 - it never imports ipywidgets; matplotlib only once there is a metric;
@@ -39,7 +40,8 @@ from . import snapshot
 from .base import DEFAULT_PREFIX, Throttle, View
 from .on_demand import dashboard_due
 
-UPDATE_INTERVAL = 0.5     # seconds between two updates of the display, at least
+UPDATE_INTERVAL = 0.5     # seconds between two updates of the display, at least...
+BYTES_PER_SECOND = 64_000  # ...and longer for big frames (each carries the plot): about 1/s with 6 plots
 CLOCK_INTERVAL = 1.0      # with nothing new, the elapsed clock still moves once a second
 PLOT_INTERVAL = 1.0       # at most one new PNG a second...
 PLOT_DUTY = 0.02          # ...and less often if drawing would take more than 2 % of a core
@@ -132,6 +134,7 @@ class HtmlView(View):
         bundle = {"text/html": frame_html(state, self.title, self.prefix, self.png, self.show_log, now),
                   "text/plain": plain_line(state, self.title)}
         self.handle = self._show(bundle, self.handle)
+        self._throttle.interval = max(UPDATE_INTERVAL, len(bundle["text/html"]) / BYTES_PER_SECOND)
         self._sent_version, self._sent_at = state.version, now
         self.updates += 1
 
