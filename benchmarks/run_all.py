@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick         # 1 repetition, small sizes (a smoke run)
     python benchmarks/run_all.py --repeats 9 --rows launch --where kernel
     python benchmarks/session_cell.py            # what one cell costs on a persistent session (issue 11)
+    python benchmarks/big_values.py              # big values: return, pull, push beside the pipe and memfd floors
     python benchmarks/big_parent.py              # the launch from a parent that imported lightning and accelerate
 
 Every launcher runs in hosts of its own (a plain Python process and a real Jupyter
@@ -63,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run benchmarks/big_parent.py (the launch row from a parent that imported "
                              "lightning and accelerate: floor, Lightning, ours in one host); auto: on with the "
                              "launch row unless --quick")
+    parser.add_argument("--big-values", choices=("auto", "on", "off"), default="auto",
+                        help="also run benchmarks/big_values.py (issue 21: return, pull and push of 1, 100 and "
+                             "1000 MB beside the pipe and memfd floors, and the caller's peak); auto: on with the "
+                             "return row (--quick: 1 and 100 MB, 2 rounds)")
     parser.add_argument("--no-warmup", action="store_true", help="count the first round too")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each case's time as it runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled case order")
@@ -227,6 +232,14 @@ def big_parent_script(samples: int, wheres: list, timeout: float = 1800) -> str:
     return "\n".join(line for line in output.splitlines() if not line.startswith("Machine: "))
 
 
+def big_values_script(quick: bool, timeout: float = 1800) -> str:
+    """Output of benchmarks/big_values.py (issue 21: big values beside the pipe and memfd
+    floors), less its machine line."""
+    options = ["--sizes", "1,100", "--rounds", "2"] if quick else ["--sizes", "1,100,1000", "--rounds", "5"]
+    output = script_output("big_values.py", options, timeout)
+    return "\n".join(line for line in output.splitlines() if not line.startswith("Machine: "))
+
+
 def session_script(samples: int, timeout: float = 1200) -> str:
     """Output of benchmarks/session_cell.py (issue 11: a trivial cell on a persistent
     session, beside a plain cell, a one-shot launch and the peers), less its machine line."""
@@ -326,6 +339,10 @@ def main(argv=None) -> int:
     if "launch" in args.rows and (args.big_parent == "on" or args.big_parent == "auto" and not args.quick):
         print("running benchmarks/big_parent.py", file=sys.stderr, flush=True)
         big = big_parent_script(samples=max(args.repeats, 10), wheres=args.where)
+    values = ""
+    if args.big_values == "on" or args.big_values == "auto" and "return" in args.rows:
+        print("running benchmarks/big_values.py", file=sys.stderr, flush=True)
+        values = big_values_script(quick=args.quick)
     session = ""
     full_run = not args.quick and len(args.rows) == len(ROWS)
     if args.session_script == "on" or args.session_script == "auto" and full_run:
@@ -340,6 +357,10 @@ def main(argv=None) -> int:
     if extra:
         print("\n4b. benchmarks/dashboard_overhead.py (issue 3's own measurement, run by this script):")
         print("\n".join("   " + line for line in extra.splitlines()))
+    if values:
+        print("\n5b. benchmarks/big_values.py (issue 21: big values beside the pipe and memfd floors, run by this "
+              "script):")
+        print("\n".join("   " + line for line in values.splitlines()))
     if session:
         print("\n6. benchmarks/session_cell.py (issue 11: one cell on a persistent session, run by this script):")
         print("\n".join("   " + line for line in session.splitlines()))
