@@ -35,13 +35,29 @@ Example::
     notebook_launcher(train, args=(10,), num_processes=2)   # 30.0
 """
 
-from .accelerator import Accelerator, ProjectConfiguration
-from .api import notebook_launcher
-from .clusters import RayCluster, SlurmCluster
-from .errors import LaunchConfigError, WorkerError
-from .reporting import progress, report
-from .run import Run
-from .session import Session, SessionStatus
+import importlib
+
+# The public names, imported on first use: `import notebook_launcher` stays light, so that a
+# node agent on a cluster (`ranks.agent`) starts without importing torch before its ranks do.
+_PUBLIC = {
+    "notebook_launcher": ".api", "report": ".reporting", "progress": ".reporting",
+    "Accelerator": ".accelerator", "ProjectConfiguration": ".accelerator", "Run": ".run",
+    "Session": ".session", "SessionStatus": ".session", "WorkerError": ".errors",
+    "LaunchConfigError": ".errors", "RayCluster": ".clusters", "SlurmCluster": ".clusters",
+}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 __all__ = ["notebook_launcher", "report", "progress", "Accelerator", "ProjectConfiguration", "Run",
            "Session", "SessionStatus", "WorkerError", "LaunchConfigError", "RayCluster", "SlurmCluster"]

@@ -15,8 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import LaunchConfigError
-
 
 @dataclass
 class Rendezvous:
@@ -125,6 +123,8 @@ def _listen(master_addr: str, port: int, bind_all: bool) -> socket.socket:
         sock.bind((bind_host, port))
         sock.listen(1024)
     except OSError as exc:
+        from .errors import LaunchConfigError  # here: a node agent imports this module without torch
+
         sock.close()
         if port:
             raise LaunchConfigError(

@@ -20,7 +20,6 @@ from typing import Callable, Optional
 
 from .. import channel as ch
 from .. import rendezvous
-from ..serialization import dumps_task
 from .base import Lines, RankGroup
 from .plan import plan_for
 
@@ -63,6 +62,8 @@ def _engine(cluster):
 def first_request(task) -> ch.TaskRequest:
     """A one-shot task for ranks that did not fork from here: pickled by value, with the
     notebook's cells for their tracebacks."""
+    from ..serialization import dumps_task
+
     return ch.TaskRequest(dumps_task(task), send_value=True, sources=notebook_sources())
 
 

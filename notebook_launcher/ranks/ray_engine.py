@@ -25,7 +25,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from ..errors import LaunchConfigError
 from .agent import PULL_WAIT, NodeAgent
 from .base import Lines
 from .plan import plan_for
@@ -88,6 +87,8 @@ def connect(cluster) -> None:
     default "auto"); a clear error if there is none."""
     import ray
 
+    from ..errors import LaunchConfigError
+
     if ray.is_initialized():
         return
     try:
@@ -104,6 +105,8 @@ def inspect(cluster, num_nodes: int, nproc: Optional[int], device: str) -> Clust
     """Connect, decide the device and ranks per node, and check that the cluster has
     ``num_nodes`` nodes that fit one bundle each; raises `LaunchConfigError` saying what it has."""
     import ray
+
+    from ..errors import LaunchConfigError
 
     connect(cluster)
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import channel as ch
-from ..serialization import dumps_result, load_request
 from ..shared_memory import inherited_inbox
 from . import context, device_stats, heartbeat
 from .frames import user_traceback
@@ -304,6 +303,8 @@ def _run_task(spec: WorkerSpec, channel: ch.WorkerChannel, task, send_value: boo
             if isinstance(task, ch.TaskRequest):
                 linecache.cache.update(task.sources)
                 inbox = task.inbox
+                from ..serialization import load_request  # torch: once a task comes (an agent never imports it)
+
                 task = load_request(task)      # its buffers inline, or mapped from the notebook's memory file
             else:
                 inbox = inherited_inbox()      # a forked one-shot rank: the notebook's, if it is our parent
@@ -418,6 +419,8 @@ def _send_result(spec: WorkerSpec, channel: ch.WorkerChannel, value: Any, send_v
         channel.send(ch.TaskDone())
         return
     try:
+        from ..serialization import dumps_result
+
         blob, pickler = dumps_result(value, inbox)
     except Exception as exc:
         raise TypeError(
