@@ -10,6 +10,7 @@ the same on a GPU machine.
 
 from __future__ import annotations
 
+import os
 import textwrap
 import traceback
 
@@ -194,3 +195,23 @@ def test_a_launch_after_cuda_was_initialized_in_a_cell_names_that_cell():
         assert "value 7" in result.stdout
         assert "CUDA is already initialized in this kernel (first by cell In[2], line 3: hook()" in result.stderr
         assert "so workers start with spawn instead of fork" in result.stderr
+
+
+def test_outside_a_kernel_the_front_end_markers_do_not_count(monkeypatch):
+    """A script started from a notebook (``!python train.py``) inherits Kaggle's or VS Code's
+    variables, but its output is a text stream: the text view. (In a kernel each marker
+    counts: tests/test_html_view_kernel.py.)"""
+    from notebook_launcher.ui import resolve_display
+
+    for key, value in (("KAGGLE_KERNEL_RUN_TYPE", "Interactive"), ("VSCODE_PID", "42"), ("JPY_SESSION_NAME", "x")):
+        monkeypatch.setenv(key, value)
+    assert environment.frontend() == "script" and resolve_display("auto") == "text"
+    assert environment.detect().frontend == "script"
+
+
+def test_the_driver_probe_reads_this_process_and_loads_nothing():
+    libc = environment.loaded_library("libc.so")
+    assert libc is not None and os.path.basename(libc).startswith("libc.so") and os.path.exists(libc)
+    mapped_before = environment.loaded_library("libcuda.so")
+    assert environment.cuda_driver_initialized() is False        # nothing initialized the driver in pytest
+    assert environment.loaded_library("libcuda.so") == mapped_before   # the probe loaded no driver
