@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -44,6 +45,7 @@ class NvmlSampler:
         self._nvml = nvml
         self._handles: Optional[list] = None     # [(index, name, handle)] of visible GPUs, once open
         self.error = ""                          # why NVML is not used, once it failed
+        self.missing_package = False             # ...because nvidia-ml-py is not installed
         self._lock = threading.Lock()            # two runs' supervisors (a block=False run and a cell)
 
     def open(self) -> bool:
@@ -53,6 +55,7 @@ class NvmlSampler:
                     self._handles = self._visible_handles()
                 except Exception as exc:   # no library, no driver, no nvidia-ml-py
                     self.error = f"{type(exc).__name__}: {exc}"
+                    self.missing_package = isinstance(exc, ImportError)
             return bool(self._handles)
 
     def _visible_handles(self) -> list:
@@ -137,11 +140,19 @@ class GpuFeed:
             return
         self._last = now
         count = len(state.local_ranks) if state.device == "cuda" else None
-        gpus = self._source().sample(count)
+        source = self._source()
+        gpus = source.sample(count)
         if not gpus:
             self._off = not state.gpus   # nothing to show now and before: stop asking this run
+            if state.device == "cuda" and getattr(source, "missing_package", False) and not _hinted:
+                _hinted.append(True)
+                print("notebook_launcher: pip install nvidia-ml-py to see each GPU's memory and utilization "
+                      "in the dashboard.", file=sys.stderr)
             return
         state.apply(GpuSampled(gpus, now))
+
+
+_hinted: list = []   # the missing nvidia-ml-py is said once per process
 
 
 # ----------------------------------------------------------------- formatting

@@ -235,10 +235,21 @@ def test_no_gpus_no_gpu_table_and_no_more_asking(standin_nvml, monkeypatch):
     assert "GPU" not in frame_html(state, "t", str, None)
 
 
-def test_without_nvml_nothing_is_shown_and_nothing_raised(monkeypatch):
+def test_without_nvml_nothing_is_shown_and_nothing_raised(monkeypatch, capsys):
+    import notebook_launcher.gpu as gpu
+
     monkeypatch.setitem(sys.modules, "pynvml", None)   # nvidia-ml-py not installed
+    monkeypatch.setattr(gpu, "_hinted", [])
     sampler = NvmlSampler()
-    assert sampler.sample() == () and "pynvml" in sampler.error
+    assert sampler.sample() == () and "pynvml" in sampler.error and sampler.missing_package
+    clock = Clock()
+    cpu, cuda = fresh_state(clock), RunState(world_size=1, local_ranks=[0], device="cuda")
+    GpuFeed(source=lambda: sampler, clock=clock).poll(cpu)
+    assert capsys.readouterr().err == ""                               # a CPU run: nothing to say
+    for _ in range(2):
+        GpuFeed(source=lambda: sampler, clock=clock).poll(cuda)
+    assert capsys.readouterr().err.count("pip install nvidia-ml-py") == 1   # a GPU run: said once
+    assert cuda.gpus == ()
 
 
 def test_each_ranks_memory_and_the_fp16_scaler_show_in_the_tables():
