@@ -226,3 +226,28 @@ def test_the_hint_goes_before_the_table_lists_a_metric():
     state.apply(metrics(0, 0, {"loss": 1.0}, clock.t))
     view.refresh(state)
     assert sent == [("hint", "none"), ("table lists loss", True), ("frame", True)]
+
+
+def test_gpu_rows_rank_memory_and_the_fp16_scaler_in_the_tables():
+    """The widgets view feeds NVML's figures (here a stand-in sampler: no GPU) into the state
+    and shows them with each rank's memory and the lead rank's loss scale."""
+    from notebook_launcher import channel as ch
+    from notebook_launcher.gpu import GpuFeed
+    from notebook_launcher.state import GpuUsage, Received
+
+    class Sampler:
+        def sample(self, count=None):
+            return (GpuUsage(0, "Tesla T4", 5 * 2**30, 15 * 2**30, 87),)
+
+    clock = Clock()
+    host, view, state = started(clock)
+    view.gpu_feed = GpuFeed(source=Sampler, clock=clock)
+    state.apply(Received(0, ch.DeviceStats(0, 2**30, 3 * 2**30, 4 * 2**30, clock.t, 512.0, 1), clock.t))
+    train(view, state, clock, epochs=1, batches=20)
+    tables = view.tables.value
+    assert "<b>GPU 0</b>" in tables and "5.0 GiB / 15.0 GiB" in tables and "87 %" in tables
+    assert "cuda:0 · 1.0 GiB (peak 3.0 GiB)" in tables
+    assert "fp16 loss scale <b>512</b> · 1 step skipped" in tables
+    state.apply(Finished("succeeded", clock.t))
+    view.finish(state)
+    assert "<b>GPU 0</b>" in view.snapshot.summary_html and "fp16 loss scale" in view.snapshot.summary_html
