@@ -125,7 +125,8 @@ class HtmlView(View):
         now = self.clock()
         if not force and self.handle is not None:
             changed = state.version != self._sent_version
-            if not (changed or now - self._sent_at >= CLOCK_INTERVAL) or not self._throttle.ready(now):
+            ticked = self._sent_at is None or now - self._sent_at >= CLOCK_INTERVAL
+            if not (changed or ticked) or not self._throttle.ready(now):
                 return
         else:
             self._throttle.ready(now)
