@@ -41,6 +41,11 @@ class LocalRay:
         self.process.stdin.flush()
         self._expect("REMOVED", timeout=60)
 
+    def add_worker(self) -> None:
+        self.process.stdin.write("add-worker\n")
+        self.process.stdin.flush()
+        self._expect("ADDED", timeout=120)
+
     def _expect(self, word: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -171,7 +176,7 @@ def test_an_error_on_rank_1_names_the_rank_its_node_and_its_traceback(kernel):
     assert_nothing_left(kernel, pids_in(result.stdout))
 
 
-def test_a_session_keeps_state_over_three_cells_on_two_nodes(kernel):
+def test_a_session_keeps_state_over_cells_on_two_nodes_through_an_error_and_an_interrupt(kernel):
     started = cell(kernel, "%dist start -n 1 --nodes 2 --cluster ray --display none")
     assert started.status == "ok", started.traceback
     assert "Session started: 1 CPU process on each of 2 Ray nodes (gloo, spawn)" in started.stdout
@@ -180,8 +185,18 @@ def test_a_session_keeps_state_over_three_cells_on_two_nodes(kernel):
         second = cell(kernel, "%%dist\ndist.all_reduce(weights)\nweights.sum().item()")
         third = cell(kernel, "%%dist\nraise ValueError(f'only a user error on rank {rank}') if rank == 1 else 7")
         fourth = cell(kernel, "%%dist\nweights.tolist()")
+        msg_id = kernel.submit("%%dist\nprint('SLEEPING', flush=True)\nimport time\ntime.sleep(60)")
+        kernel.wait_for_output(msg_id, r"(SLEEPING[\s\S]*){2}", timeout=60)
+        pressed = time.monotonic()
+        kernel.interrupt()
+        with pytest.raises(TimeoutError, match="the cell ended"):
+            kernel.wait_for_output(msg_id, r"NEVER PRINTED", timeout=30)
+        interrupted_in = time.monotonic() - pressed
+        fifth = cell(kernel, "%%dist\nweights.tolist()")
     finally:
         stopped = cell(kernel, "%dist stop")
+    assert interrupted_in < 2.0, "the interrupted cell did not end within 2 s"
+    assert "Out[rank 1]: [3.0, 3.0]" in fifth.stdout and "fresh ranks" not in fifth.stderr, fifth.text
     assert "Out[rank 0]: 6.0" in second.stdout and "Out[rank 1]: 6.0" in second.stdout, second.text
     assert third.status == "error" and "only a user error on rank 1" in third.evalue + third.traceback
     assert "Out[rank 0]: [3.0, 3.0]" in fourth.stdout and "Out[rank 1]: [3.0, 3.0]" in fourth.stdout, fourth.text
@@ -336,4 +351,26 @@ def test_a_node_removed_mid_run_is_reported_within_ten_seconds(kernel, cluster):
     assert re.search(r"ERR rank \d on node \d \(.+\) failed: lost with its node: its agent (stopped answering|died)",
                      result), result
     kernel.run("1", timeout=60)
+    assert_nothing_left(kernel, pids_in(out))
+
+
+def test_a_session_that_loses_a_node_is_broken_and_says_so(kernel, cluster):
+    """After the node-removal test: a node again, a session on both, the node removed mid-cell."""
+    cluster.add_worker()
+    started = cell(kernel, "%dist start -n 1 --nodes 2 --cluster ray --display none")
+    assert started.status == "ok", started.traceback
+    try:
+        msg_id = kernel.submit("%%dist\nimport os, time\nprint('PID', os.getpid(), 'READY', flush=True)\n"
+                               "for _ in range(600):\n    dist.all_reduce(torch.ones(1))\n    time.sleep(0.1)")
+        out = kernel.wait_for_output(msg_id, r"(PID \d+ READY[\s\S]*){2}", timeout=120)
+        removed = time.monotonic()
+        cluster.remove_worker()
+        with pytest.raises(TimeoutError, match="the cell ended"):
+            kernel.wait_for_output(msg_id, r"NEVER PRINTED", timeout=60)
+        ended_in = time.monotonic() - removed
+        status = cell(kernel, "%dist status")
+    finally:
+        cell(kernel, "%dist stop")
+    assert ended_in < 10.0, "the lost node was reported too late"
+    assert "broken because rank" in status.stdout, status.text
     assert_nothing_left(kernel, pids_in(out))

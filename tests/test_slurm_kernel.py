@@ -158,6 +158,29 @@ def test_scancel_mid_run_ends_the_call_within_ten_seconds_saying_so(kernel, slur
     assert_nothing_left(slurm, pids_in(out))
 
 
+def test_a_session_whose_job_is_cancelled_is_broken_and_starts_afresh(kernel, slurm):
+    started = cell(kernel, "%dist start -n 2 --cluster slurm --display none")
+    assert started.status == "ok", started.traceback
+    try:
+        first = cell(kernel, "%%dist\nimport os\nkept = rank\nprint('PID', os.getpid(), 'JOB', os.environ['SLURM_JOB_ID'])")
+        job = re.search(r"JOB (\d+)", first.stdout).group(1)
+        msg_id = kernel.submit("%%dist\nimport time\nprint('SLEEPING', flush=True)\ntime.sleep(120)")
+        kernel.wait_for_output(msg_id, r"(SLEEPING[\s\S]*){2}", timeout=60)
+        cancelled = time.monotonic()
+        subprocess.run(["scancel", job], env=slurm.env, check=True, timeout=30)
+        with pytest.raises(TimeoutError, match="the cell ended"):
+            kernel.wait_for_output(msg_id, r"NEVER PRINTED", timeout=60)
+        ended_in = time.monotonic() - cancelled
+        again = cell(kernel, "%%dist\n'kept' in globals()")
+        jobs_now = slurm.queue()
+    finally:
+        cell(kernel, "%dist stop")
+    assert ended_in < 10.0, "the cancelled job was reported too late"
+    assert "session was broken" in again.stderr and "starting fresh ranks" in again.stderr, again.text
+    assert "Out[rank 0]: False" in again.stdout and jobs_now and jobs_now != [job]   # a new holding job
+    assert_nothing_left(slurm, pids_in(first.stdout))
+
+
 def test_a_killed_kernel_leaves_no_job_and_no_rank(slurm):
     with Kernel(startup=STARTUP, timeout=120) as doomed:
         msg_id = doomed.submit(textwrap.dedent("""
