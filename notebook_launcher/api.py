@@ -70,8 +70,10 @@ def notebook_launcher(
         backend: "auto", "gloo", "nccl", ...
         device: "auto", "cpu" or "cuda".
         return_all: return a list with every rank's value, indexed by rank.
-        display: "auto" (widgets in Jupyter, text elsewhere) | "widgets" (live dashboard:
-            progress, metric curves, ranks, log panel; a static summary at the end) |
+        display: "auto" (widgets under a Jupyter server, "html" on Colab, Kaggle, VS Code and
+            other kernels, "text" outside a kernel; see the README) | "widgets" (live
+            dashboard: progress, metric curves, ranks, log panel; a static summary at the end) |
+            "html" (the same dashboard as one display updated in place, no ipywidgets) |
             "text" (progress line, plot saved to a file) | "none" (only the workers' output).
         stall_timeout: seconds a rank may go without any sign of progress (a report,
             a progress step, an output line, or its Python stack moving) before it counts

@@ -46,7 +46,7 @@ def _parsers() -> tuple:
     start.add_argument("--device", default="auto")
     start.add_argument("--backend", default="auto")
     start.add_argument("--start-method", default="auto")
-    start.add_argument("--display", default="auto")
+    start.add_argument("--display", default="auto", help="auto | widgets | html | text | none")
     start.add_argument("--stall-timeout", type=float, default=300.0, help="seconds; 0 turns it off")
     start.add_argument("--on-stall", default="warn")
     start.add_argument("--nodes", type=int, default=1, help="nodes of the cluster (with --cluster)")

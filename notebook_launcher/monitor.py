@@ -256,7 +256,8 @@ class Supervisor:
         now, message = self.clock(), envelope.message
         if envelope.task_id not in (0, self.task_id) or rank not in self.verdict.ranks:
             return  # a late message of a task that already ended (e.g. after an Interrupt)
-        self._alive(rank, now, ready=isinstance(message, ch.RankReady))
+        if not isinstance(message, ch.DeviceStats):   # memory figures come on change: no sign of work
+            self._alive(rank, now, ready=isinstance(message, ch.RankReady))
         self.state.apply(Received(rank, message, now))
         if isinstance(message, ch.RankReady) and self.task_id == 0:
             self.verdict.done(rank, None)
