@@ -129,6 +129,7 @@ class SlurmRanks(RemoteRanks):
         allocation, srun, links = None, None, {}
         try:
             allocation = _attach(config.num_nodes) if facts.attach else _acquire(cluster, config, facts, listener)
+            listener.check_reachable(allocation.nodes)
             srun = _srun(allocation, config.num_nodes, facts, listener, token)
             links = listener.agents(config.num_nodes, srun, CONNECT_TIMEOUT)
             nodes = [Node(i, links[i].info, list(range(i * config.nproc, (i + 1) * config.nproc)))
@@ -245,6 +246,15 @@ class Listener:
     def dial(self) -> str:
         return f"{self.address}:{self.port}"
 
+    def check_reachable(self, nodes: list) -> None:
+        """Agents on other hosts cannot dial a loopback address: say so before srun starts."""
+        here = {socket.gethostname(), socket.getfqdn(), "localhost"}
+        elsewhere = [node for node in nodes if node not in here]
+        if self.address.startswith("127.") and elsewhere:
+            raise LaunchConfigError(
+                f"the compute nodes ({', '.join(elsewhere[:3])}) cannot reach this notebook: its only address is "
+                f"{self.address}. Run the notebook on a login node or inside the job, on a network the nodes share.")
+
     def accept(self, timeout: float) -> tuple:
         """(role, socket) of the next caller with the right token; strangers are dropped unread."""
         deadline = time.monotonic() + timeout
@@ -261,7 +271,7 @@ class Listener:
                 conn.close()
                 continue
             if hmac.compare_digest(hello[:TOKEN_BYTES], self.token) and hello[TOKEN_BYTES:] in (ROLE_AGENT, ROLE_HOLDER):
-                conn.settimeout(None)
+                conn.settimeout(30 if hello[TOKEN_BYTES:] == ROLE_AGENT else None)  # an agent's hello follows at once
                 return hello[TOKEN_BYTES:], conn
             conn.close()
 
