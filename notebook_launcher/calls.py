@@ -63,6 +63,9 @@ class CallOwner(Protocol):
     def ended(self, outcome: Optional[Outcome], status: RunStatus) -> None:
         """The call is over (``outcome`` None after an Interrupt): release or keep the ranks."""
 
+    # Optional: ``release(why)`` aborts the process group on every rank, so that ranks stuck in
+    # a collective after a failure end the task (`monitor.Supervisor`); a session's owner has it.
+
 
 def status_of(outcome: Outcome) -> RunStatus:
     if outcome.stopped:
@@ -75,7 +78,7 @@ def run_call(call: Call, owner: CallOwner) -> Outcome:
     owner handled it; returns the outcome otherwise (the owner raises its error)."""
     supervisor = Supervisor(call.group, call.targets, call.state, call.view, call.task_id,
                             persistent=call.persistent, tick=call.tick, stall=call.stall, stop=call.stop,
-                            sinks=() if call.hub is None else (call.hub,))
+                            sinks=() if call.hub is None else (call.hub,), release=getattr(owner, "release", None))
     outcome, status = None, RunStatus.FAILED
     try:
         try:

@@ -15,7 +15,8 @@ Worker -> parent (the events pipe):
 - `TaskFailed`: the task raised; built into a `errors.Failure` in one place
   (`errors.failure_from`).
 
-Parent -> worker (the control pipe): `TaskRequest` (run one task) and `Shutdown`.
+Parent -> worker (the control pipe): `TaskRequest` (run one task), `Shutdown`, and
+`AbortGroup` (handled at once by the thread that reads the pipe, not queued as a task).
 Big tensor data travels beside the frames, not in them, between processes of one machine
 (`shared_memory`): a request names the notebook's memory file and its inbox.
 EOF closes the control pipe: the worker takes it as "the parent is gone".
@@ -119,6 +120,13 @@ class TaskRequest:
 @dataclass(frozen=True)
 class Shutdown:
     """Leave the task loop and exit cleanly."""
+
+
+@dataclass(frozen=True)
+class AbortGroup:
+    """Abort this rank's process groups now, from the thread that reads the control pipe
+    (the main thread may be blocked in a collective): every rank's abort releases its peers
+    (`workers.process_group.abort`). The session then runs a `process_group.Regroup` task."""
 
 
 @dataclass(frozen=True)

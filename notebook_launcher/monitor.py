@@ -11,9 +11,21 @@ they show signs of life (a rank silent for `PEER_GRACE` is stuck).
 
 `Supervisor.run` is a loop of named steps over one wait (loky's manager thread is the
 model): take what the rank group delivers (`ranks.base.RankGroup.wait`), feed it to the
-run state, the view and the sinks, let the `Verdict` note finishes and failures, look for
-stalls, refresh the view. It never starts, signals or stops a process: the group's owner
-does (`calls`, `session`), and the group does the I/O.
+run state, the view and the sinks, let the `Verdict` note finishes and failures, release
+ranks stuck in a collective after a failure, look for stalls, refresh the view. It never
+starts, signals or stops a process: the group's owner does (`calls`, `session`), and the
+group does the I/O.
+
+The ranks' collective journals (`workers.journal`, read through the group) explain what
+the stacks alone leave open (`rollcall`): a stall report leads with one line per
+collective in flight (who waits, who is missing and where), and a failed call's error
+ends with those lines and any mismatch between ranks.
+
+Releasing (a session's call only: the owner's ``release``): after a failure, ranks waiting
+in a collective that a rank which left the task can never join (their journal says so),
+or ranks silent for `PEER_GRACE`, are released by the owner aborting the process group on
+every rank; they get `ABORT_GRACE` to end the task (their error reads "released: rank 1
+failed"), and only those that do not are left unfinished (the owner breaks the session).
 
 Clocks: a failure's time orders root causes (`pick_root_cause`). On one machine it is the
 rank's own clock (ranks failing within microseconds of each other are told apart); across
@@ -28,12 +40,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from typing import Callable
+
 from . import channel as ch
+from . import rollcall
 from .errors import Failure, WorkerError, failure_from
 from .ranks.base import Exit, Lines, Message, RankGroup
 from .state import Exited, Output, Received, RunState, Stalled, Started
 from .ui.base import View
-from .workers.frames import waiting_in_the_launcher
+from .workers import journal
+from .workers.frames import waiting_in_the_launcher, whereabouts
 
 TICK = 0.1                  # seconds between view refreshes when nothing arrives
 FAILURE_WINDOW = 0.25       # after a "lost my peer" failure, how long to listen for the real one
@@ -41,6 +57,9 @@ PRIMARY_WINDOW = 0.05       # after a real failure: collect ranks failing at the
 HEARTBEAT_GRANULARITY = 1.0  # a working rank beats at least this often (`workers.heartbeat.INTERVAL`)
 PEER_GRACE = 2.5            # session, after a failure: a rank silent this long (heartbeats come every
 #                             second while it computes) counts as stuck
+ABORT_GRACE = 1.0           # session: after the process group was aborted, how long released ranks may take to
+#                             end the task (gloo releases them within milliseconds)
+JOURNAL_LOOK = 0.1          # after a failure, seconds between looks at the journals of the ranks still in the task
 
 
 @dataclass
@@ -53,6 +72,8 @@ class Outcome:
     unfinished: list = field(default_factory=list)  # ranks that neither returned nor raised
     died: list = field(default_factory=list)        # ranks whose process ended (or was lost) during the call
     stopped: bool = False                           # a stop request ended it
+    notes: list = field(default_factory=list)       # lines said after the error: the roll-call, mismatches
+    released: str = ""                              # why the process group was aborted to release ranks ("" if not)
 
     def error(self, attempt: int = 0) -> "WorkerError":
         """The `WorkerError` for a call that failed (``root`` is set), chained to the
@@ -65,6 +86,7 @@ class Outcome:
         """
         error = WorkerError(self.root, [f for f in self.failures if f is not self.root], attempt=attempt)
         error.__cause__ = self.root.exception
+        error.notes.extend(self.notes)
         return error
 
 
@@ -73,11 +95,13 @@ class Verdict:
 
     ``persistent``: a session's call (ranks must outlive it: an exit is a failure, and
     after a failure the others get `PEER_GRACE` while they show signs of life).
+    ``releasable``: ranks stuck after a failure can be released (`released`): the call is
+    not decided with ranks unfinished before they were, and `ABORT_GRACE` passed since.
     ``task_id`` 0 is a session's start, where a rank has finished when it is ready.
     """
 
     def __init__(self, ranks: list, persistent: bool, clock=time.monotonic,
-                 secondary_window: float = FAILURE_WINDOW) -> None:
+                 secondary_window: float = FAILURE_WINDOW, releasable: bool = False) -> None:
         self.ranks = list(ranks)
         self.persistent = persistent
         self.secondary_window = secondary_window   # a "lost my peer" error waits this long for the real one
@@ -88,6 +112,8 @@ class Verdict:
         self.heard: dict = {}                        # rank -> when it last showed a sign of life
         self.outcome = Outcome()
         self.give_up_at: Optional[float] = None
+        self.releasable = releasable
+        self.released_at: Optional[float] = None     # when the stuck ranks were released
         self._decide_at: Optional[float] = None      # set by the first failure
 
     def unfinished(self) -> set:
@@ -133,6 +159,16 @@ class Verdict:
     def deciding(self) -> bool:
         return self._decide_at is not None
 
+    def released(self, now: float) -> None:
+        """The ranks still in the task were released (the process group aborted)."""
+        self.released_at = now
+
+    def waiting_for_the_silent(self, now: float) -> bool:
+        """A failure's wait is over, and the ranks still in the task have been silent for
+        `PEER_GRACE` (a session's): stuck, unless releasing them frees them."""
+        return (self._decide_at is not None and now >= self._decide_at and bool(self.unfinished())
+                and not (self.persistent and self._others_alive(now)))
+
     def decided(self, stopped: bool) -> bool:
         now = self.clock()
         if not self.unfinished():
@@ -140,9 +176,9 @@ class Verdict:
         if stopped or (self.give_up_at is not None and now >= self.give_up_at):
             self.outcome.stopped = True
             return True
-        if self._decide_at is None or now < self._decide_at:
+        if not self.waiting_for_the_silent(now):
             return False
-        return not (self.persistent and self._others_alive(now))
+        return not self.releasable or (self.released_at is not None and now >= self.released_at + ABORT_GRACE)
 
     def _others_alive(self, now: float) -> bool:
         """Session: after a failure, a rank still working on the task (any message, output
@@ -151,9 +187,14 @@ class Verdict:
         return any(self.heard.get(rank, -1.0) >= now - PEER_GRACE for rank in self.unfinished())
 
     def time_left(self, tick: float) -> float:
-        if self._decide_at is None:
-            return tick
-        return max(0.0, min(tick, self._decide_at - self.clock()))
+        """How long to wait for arrivals: a tick, or less up to the next moment the call
+        may be decided (past ones do not shorten it: a wait of 0 would spin)."""
+        now = self.clock()
+        grace_end = None if self.released_at is None else self.released_at + ABORT_GRACE
+        for deadline in (self._decide_at, grace_end):
+            if deadline is not None and deadline > now:
+                return max(0.0, min(tick, deadline - now))
+        return tick
 
     def conclude(self) -> Outcome:
         failures = list(self.failures.values())
@@ -172,12 +213,15 @@ class Supervisor:
     ``stop``: an Event another thread sets to end the call (``Run.stop``).
     ``sinks``: objects with ``on_message(rank, message)`` fed every message of this task
     (experiment trackers).
+    ``release``: the owner's ``release(why)``, which aborts the process group on every rank
+    (a session's call): ranks stuck in a collective after a failure are released (see the
+    module docstring); None: they are not (a one-shot call tears its ranks down).
     """
 
     def __init__(self, group: RankGroup, targets: list, state: RunState, view: View, task_id: int, *,
                  persistent: bool = False, tick: float = TICK, clock=time.monotonic,
                  stall: Optional["StallWatch"] = None, stop: Optional[threading.Event] = None,
-                 sinks: tuple = ()) -> None:
+                 sinks: tuple = (), release: Optional[Callable[[str], None]] = None) -> None:
         self.group = group
         self.targets = list(targets)
         self.state = state
@@ -188,7 +232,14 @@ class Supervisor:
         self.stall = stall
         self.stop = stop
         self.sinks = sinks
-        self.verdict = Verdict(self.targets, persistent, clock, max(FAILURE_WINDOW, group.lost_peer_wait))
+        self.release = release
+        self.verdict = Verdict(self.targets, persistent, clock, max(FAILURE_WINDOW, group.lost_peer_wait),
+                               releasable=release is not None)
+        self._released: set = set()      # ranks still in the task when the group was aborted
+        self._released_because = ""
+        self._looked_at = float("-inf")  # when the journals were last read for hopeless waits
+        self._left_at: dict = {}         # rank -> when it left the task (time.monotonic of its machine)
+        self._stall: Optional[Failure] = None   # the failure a stall made (on_stall="raise")
         self._closed = False
 
     @property
@@ -202,9 +253,10 @@ class Supervisor:
         self._begin(timeout)
         while not self.verdict.decided(self.stop is not None and self.stop.is_set()):
             self._take(self.group.wait(self.verdict.time_left(self.tick)))
+            self._release_the_stuck()
             self._look_for_stalls()
             self.view.refresh(self.state)
-        return self.verdict.conclude()
+        return self._explained(self.verdict.conclude())
 
     def wind_down(self, timeout: float) -> list:
         """After an Interrupt was forwarded: take arrivals until every rank ended the task
@@ -262,10 +314,15 @@ class Supervisor:
         if isinstance(message, ch.RankReady) and self.task_id == 0:
             self.verdict.done(rank, None)
         elif isinstance(message, ch.TaskDone):
+            self._left_at[rank] = time.monotonic()   # the ranks' clock too (one machine: see `_hopeless`)
             self.verdict.done(rank, None if message.value is None else (message.value, message.pickler))
         elif isinstance(message, ch.TaskFailed):
+            self._left_at[rank] = message.t
             self.verdict.finished.add(rank)
-            self.verdict.failed(self._located(failure_from(rank, self.group.pid(rank) or 0, message), now), now)
+            failure = self._located(failure_from(rank, self.group.pid(rank) or 0, message), now)
+            if rank in self._released:   # its error is the release's doing, never a root cause
+                failure.message, failure.secondary = f"released: {self._released_because}", True
+            self.verdict.failed(failure, now)
         for sink in self.sinks:
             sink.on_message(rank, message)
 
@@ -293,6 +350,38 @@ class Supervisor:
         if self.stall is not None:
             self.stall.active(rank, now, ready=ready)
 
+    def _release_the_stuck(self) -> None:
+        """After a failure in a session's call: release the ranks still in the task when
+        they wait in a collective a rank that left can never join (their journals say so),
+        or when they have been silent for `PEER_GRACE` (blocked somewhere: the abort frees
+        those in a collective). Once per call."""
+        if self.release is None or self.verdict.released_at is not None or not self.verdict.deciding():
+            return
+        now = self.clock()
+        if not (self.verdict.waiting_for_the_silent(now) or self._hopeless(now)):
+            return
+        root = pick_root_cause(list(self.verdict.failures.values())) if self.verdict.failures else None
+        self._released_because = "the call stalled" if root is None or root is self._stall else f"rank {root.rank} failed"
+        self._released = set(self.verdict.unfinished())
+        self.verdict.outcome.released = self._released_because
+        self.release(self._released_because)
+        self.verdict.released(now)
+
+    def _hopeless(self, now: float) -> bool:
+        if now - self._looked_at < JOURNAL_LOOK:
+            return False
+        self._looked_at = now
+        unfinished = self.verdict.unfinished()
+        left = set(self.group.ranks) - unfinished
+        # When ranks of this call left, on their own clock (comparable with their journals' samples on one machine).
+        left_at = {rank: self._left_at[rank] for rank in left if rank in self._left_at} if self.group.single_host else {}
+        journals = self._journals(unfinished | set(left_at))
+        return bool(rollcall.hopeless(journals, left, self.group.ranks, left_at))
+
+    def _journals(self, ranks) -> dict:
+        """{rank: journal.Snapshot or None} as the ranks' journals are now."""
+        return {rank: journal.decode(self.group.journal(rank)) for rank in sorted(ranks)}
+
     def _look_for_stalls(self) -> None:
         if self.stall is None or self.verdict.deciding():
             return
@@ -302,23 +391,72 @@ class Supervisor:
         if not stuck:
             return
         stacks = {rank: self.group.dump_stacks(rank) for rank in stuck}
+        journals = self._journals(self.group.ranks)
+        where = self._where(stacks, dump=True)
+        mismatched = rollcall.mismatches(journals)
+        lines = rollcall.roll_call(journals, self.group.ranks, where, stuck=stuck) + mismatched
         for rank in stuck:
-            self.state.apply(Stalled(rank, self.stall.timeout, stacks[rank], now))
-            self.view.stalled(rank, self.stall.timeout, stacks[rank])
+            report = "\n".join(lines + ["", stacks[rank]]) if lines and rank == stuck[0] else stacks[rank]
+            self.state.apply(Stalled(rank, self.stall.timeout, report, now))
+            self.view.stalled(rank, self.stall.timeout, report)
         if self.stall.on_stall == "raise":
-            rank = likely_culprit(stuck, stacks)
+            missing = rollcall.missing(journals, self.group.ranks)
+            rank = missing[0] if missing else likely_culprit(stuck, stacks)
+            quiet = f"no progress for {self.stall.timeout:g}s (stall_timeout) on " + ", ".join(f"rank {r}" for r in stuck)
             failure = Failure(
-                rank=rank, pid=self.group.pid(rank) or 0, timestamp=now, traceback=StallWatch.describe(stuck, stacks),
-                message=f"no progress for {self.stall.timeout:g}s (stall_timeout) on "
-                        + ", ".join(f"rank {r}" for r in stuck) + "; their stacks show where",
+                rank=rank, pid=self.group.pid(rank) or 0, timestamp=now,
+                traceback="\n".join(lines + ["", ""] if lines else []) + StallWatch.describe(stuck, stacks),
+                message=f"{quiet}: {(mismatched or lines)[0]}" if lines else f"{quiet}; their stacks show where",
             )
-            self.verdict.failures[rank] = self._located(failure, now)
+            self._stall = self.verdict.failures[rank] = self._located(failure, now)
             self.verdict.decide_now(now)
+
+    def _where(self, stacks: dict, dump: bool) -> Callable[[int], str]:
+        """Words for where a rank is (`rollcall`'s ``where``): from what the call knows of it,
+        else from its stacks (those given, or, with ``dump``, dumped now); asked once each."""
+        said: dict = {}
+
+        def where(rank: int) -> str:
+            if rank not in said:
+                said[rank] = self._whereabouts(rank, stacks, dump)
+            return said[rank]
+
+        return where
+
+    def _whereabouts(self, rank: int, stacks: dict, dump: bool) -> str:
+        failure = self.verdict.failures.get(rank)
+        if failure is not None and failure is not self._stall:
+            summary = failure.summary()
+            return f"failed ({summary[:100]}{'...' if len(summary) > 100 else ''})"
+        if rank in self.verdict.gone:
+            return "gone (its process ended)"
+        if rank not in self.verdict.ranks:
+            return "between tasks (this call does not run on it)"
+        if rank in self.verdict.finished:
+            return "between tasks (it finished this call)" if self.verdict.persistent else "finished the function"
+        if rank not in stacks and dump:
+            stacks[rank] = self.group.dump_stacks(rank)
+        return whereabouts(stacks.get(rank, "")) or ("still in the task" if not dump else "")
+
+    def _explained(self, outcome: Outcome) -> Outcome:
+        """A failed call's error ends with the collectives that were in flight (who waited
+        for whom) and any mismatch, from the journals; nothing is added when no collective
+        was involved. A stall's failure says them already."""
+        if outcome.root is None or outcome.root is self._stall:
+            return outcome
+        journals = self._journals(self.group.ranks)
+        if not any(snap is not None and snap.entries for snap in journals.values()):
+            return outcome
+        where = self._where({}, dump=False)
+        outcome.notes.extend(rollcall.roll_call(journals, self.group.ranks, where, states=("waiting", "failed"))
+                             + rollcall.mismatches(journals))
+        return outcome
 
 
 def likely_culprit(stuck: list, stacks: dict) -> int:
     """Among stuck ranks, the one NOT waiting (inside a torch.distributed call, or in the
-    launcher's own final barrier) is the one the others wait for (it never joined)."""
+    launcher's own final barrier) is the one the others wait for (it never joined). Used
+    when the journals name no missing rank (`rollcall.missing`)."""
     for rank in stuck:
         current = stacks[rank].split("Current thread", 1)[-1]
         first_frame = next((line for line in current.splitlines() if 'File "' in line), "")

@@ -13,12 +13,19 @@ Failure semantics (the README's "Interactive sessions" says the same to users):
 - a task raises on some rank: the call raises `WorkerError` naming the rank that failed
   first; if every other rank ends the task too (the call waits while they show signs of
   life), the session stays usable, with every rank's variables kept for inspection;
-- a rank dies, or ranks stay silent for `monitor.PEER_GRACE` (stuck in a collective the
-  failed rank never joined): the session is BROKEN and its ranks are stopped; the next call says so in one line,
-  starts fresh ranks, then runs;
-- Interrupt: forwarded to every rank as KeyboardInterrupt; ranks that leave the task
-  within `INTERRUPT_GRACE` keep the session alive, the others are killed and the session is
-  BROKEN. The cell gets KeyboardInterrupt within 2 seconds either way;
+- a task raises on some rank while others wait in a collective it will never join (their
+  journals say so, or they stay silent for `monitor.PEER_GRACE`): every rank aborts its
+  process group (`channel.AbortGroup`), which releases them (their error: "released: rank
+  1 failed"), then every rank forms a fresh default group (`process_group.Regroup`) and the
+  session stays usable with every variable; the error says so in one line;
+- a rank dies, or stays stuck although the group was aborted (blocked outside a
+  collective, or in one the abort cannot release): the session is BROKEN and its ranks are
+  stopped; the next call says so in one line, starts fresh ranks, then runs;
+- Interrupt: forwarded to every rank as KeyboardInterrupt; ranks still in the task after
+  `INTERRUPT_LOOK` are released by aborting the process group (then rebuilt, as above);
+  ranks that leave the task within `INTERRUPT_GRACE` keep the session alive, the others
+  are killed and the session is BROKEN. The cell gets KeyboardInterrupt within 2 seconds
+  either way;
 - an idle session is never watched for stalls; a killed kernel takes every rank with it.
 """
 
@@ -50,6 +57,8 @@ from .ui.base import View
 from .workers import tasks
 
 INTERRUPT_GRACE = 1.0   # seconds ranks get to leave a task after an Interrupt (the cell promises 2 s)
+INTERRUPT_LOOK = 0.3    # seconds after an Interrupt, then ranks still in the task are released (the group aborted)
+REGROUP_TIMEOUT = 20.0  # seconds for every rank to form a fresh process group after an abort
 START_TIMEOUT = 300.0   # seconds for every rank to form the process group
 BIND_TIMEOUT = 30.0     # seconds for the ranks to bind (or drop) pushed values they already hold
 
@@ -110,6 +119,7 @@ class Session:
         self._task_id = 0
         self._pushes = 0
         self._generation = 0
+        self._rebuilds = 0                          # process groups rebuilt after an abort (each its store prefix)
         self._sent_sources: set = set()
         self._lock = threading.Lock()               # one call at a time
         self._reaper: Optional[weakref.finalize] = None  # stops the ranks if the Session is dropped unclosed
@@ -348,13 +358,50 @@ class Session:
         finally:
             if self.status == SessionStatus.RUNNING:
                 self.status = SessionStatus.IDLE
+            rebuilt = self._rebuild(owner.aborted) if owner.aborted else None   # after an Interrupt too
         if outcome.root is not None:
             error = outcome.error()
+            if rebuilt:
+                error.notes.append(rebuilt)
             if self.status == SessionStatus.BROKEN:
                 error.notes.append(f"The session is broken ({self.broken_because}): its ranks were stopped, "
                                    "and the next call starts fresh ones.")
             raise error
         return outcome.results
+
+    def _abort_group(self) -> None:
+        """Every live rank aborts its process group now (the thread that reads its control
+        pipe does it, whatever the rank's main thread is blocked in)."""
+        group = self._ranks
+        try:
+            group.send(group.alive(), frame_of(ch.AbortGroup()))
+        except OSError:
+            pass   # a rank is gone: the call's end breaks the session
+
+    def _rebuild(self, why: str) -> str:
+        """After an abort: every rank forms a fresh default group (`process_group.Regroup`);
+        returns the line the call's error ends with. A rebuild that fails breaks the session."""
+        from .workers.process_group import Regroup
+
+        if self.status != SessionStatus.IDLE:
+            return ""   # broken: its ranks are gone, the next call starts fresh ones
+        self._rebuilds += 1
+        state = self.state
+        try:
+            moved = collect(self._supervise(Regroup(self._rebuilds), self.ranks, [0], timeout=REGROUP_TIMEOUT),
+                            [0], return_all=False) or []
+        except BaseException as exc:
+            if self.status != SessionStatus.BROKEN:
+                self._break(f"its process group could not be rebuilt ({type(exc).__name__}: {exc})")
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return f"The process group was aborted ({why}) and could not be rebuilt: the session is broken."
+        finally:
+            self.state = state   # the last call's state stays the call's, not the rebuild's
+        kept = f" (moved to the new group: {', '.join(moved)})" if moved else ""
+        return (f"The process group was rebuilt ({why}; the ranks waiting in a collective were released): "
+                f"objects that hold the old group must be made again: subgroups (dist.new_group), and DDP "
+                f"wrappers not bound to a name in the cell's namespace{kept}.")
 
     def _send_task(self, task, targets: list, values_from: list) -> Optional[shared_memory.Outgoing]:
         """Write the task to every target rank, whole: an Interrupt waits until every
@@ -411,13 +458,15 @@ def _preload_for_cells() -> None:
 
 class _SessionCall:
     """A session's side of one call (`calls.CallOwner`): send the task; forward an
-    Interrupt to the ranks still in it; break the session when a rank died, stayed stuck
-    or could not leave the task."""
+    Interrupt to the ranks still in it; release ranks stuck in a collective by aborting the
+    process group (the session rebuilds it after the call); break the session when a rank
+    died, stayed stuck or could not leave the task."""
 
     def __init__(self, session: Session, task, targets: list, values_from: list) -> None:
         self.session, self.task, self.targets, self.values_from = session, task, targets, values_from
         self.stuck: list = []
         self.sent = False
+        self.aborted = ""        # why the process group was aborted during this call
         self.outgoing: Optional[shared_memory.Outgoing] = None
 
     def send(self) -> None:
@@ -429,7 +478,15 @@ class _SessionCall:
             return  # interrupted while pickling or writing the task: no rank has it
         group = self.session._ranks
         group.interrupt([r for r in self.targets if r not in supervisor.finished and group.exitcode(r) is None])
-        self.stuck = supervisor.wind_down(INTERRUPT_GRACE)
+        self.stuck = supervisor.wind_down(INTERRUPT_LOOK)
+        if self.stuck:   # blocked in C: those in a collective are freed by the abort
+            self.release("interrupted")
+            self.stuck = supervisor.wind_down(INTERRUPT_GRACE - INTERRUPT_LOOK)
+
+    def release(self, why: str) -> None:
+        """Abort the process group on every rank (`monitor.Supervisor` asks, after a failure)."""
+        self.aborted = self.aborted or why
+        self.session._abort_group()
 
     def ended(self, outcome: Optional[Outcome], status: RunStatus) -> None:
         if self.outgoing is not None:
@@ -438,7 +495,8 @@ class _SessionCall:
             self.session._break(f"rank {self.stuck[0]} could not be interrupted")
         elif outcome is not None and (outcome.died or outcome.unfinished):
             who = outcome.died or outcome.unfinished
-            self.session._break(f"rank {who[0]} {'died' if outcome.died else 'did not finish the task'}")
+            stuck = "stayed stuck after its process group was aborted" if self.aborted else "did not finish the task"
+            self.session._break(f"rank {who[0]} {'died' if outcome.died else stuck}")
 
 
 class _Quiet:

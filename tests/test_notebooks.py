@@ -156,6 +156,11 @@ def test_03_when_things_go_wrong(tmp_path):
     stopped = float(re.search(r"stopped after ([\d.]+) s", hang).group(1))
     assert 3 <= stopped < 20
     assert "no progress for 3s (stall_timeout)" in hang and "in all_reduce" in hang
+    # The roll-call blames rank 1, which skipped one all_reduce and finished, not rank 0 waiting in the next one.
+    assert "blamed: rank 1" in hang
+    assert ("all_reduce #10 (cell line 4) is waiting for rank 1: rank 0 waiting; rank 1 missing, finished the function "
+            "(its last: all_reduce #9, cell line 4)") in hang, hang
+    assert "journal.py" not in hang
 
     interrupt = cell(nb, "interrupt")
     after = re.search(r"KeyboardInterrupt after ([\d.]+) s; workers left: \[\]", text(interrupt))

@@ -134,6 +134,9 @@ class NodeAgent:
     def dump_stacks(self, rank: int, timeout: float = 1.0) -> str:
         return self.group.dump_stacks(rank, timeout)
 
+    def journal(self, rank: int) -> bytes:
+        return self.group.journal(rank)
+
     def kill(self, ranks: list) -> None:
         self.group.kill(ranks)
 

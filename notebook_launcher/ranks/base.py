@@ -202,6 +202,11 @@ class RankGroup(abc.ABC):
     def dump_stacks(self, rank: int, timeout: float = 1.0) -> str:
         """Every thread's Python stack of a live rank (faulthandler's text, tidied), or why not."""
 
+    def journal(self, rank: int) -> bytes:
+        """The rank's collective journal (`workers.journal`, raw bytes: `journal.decode`),
+        read without the rank's help; b"" when there is none or it cannot be reached."""
+        return b""
+
     @abc.abstractmethod
     def kill(self, ranks: list) -> None:
         """SIGKILL, at once, to each rank and what it forked (a rank stuck in C ignores more)."""

@@ -177,6 +177,9 @@ class LocalRanks(RankGroup):
     def dump_stacks(self, rank: int, timeout: float = 1.0) -> str:
         return self.stacks.dump(rank, self.handles[rank].pid, timeout)
 
+    def journal(self, rank: int) -> bytes:
+        return self.stacks.journal(rank) if rank in self.handles else b""
+
     def kill(self, ranks: list) -> None:
         signal_workers([self.handles[r] for r in ranks if r in self.handles], signal.SIGKILL)
 

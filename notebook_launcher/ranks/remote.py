@@ -124,6 +124,16 @@ class RemoteRanks(RankGroup):
         except Exception as exc:
             return f"(no stack: {_one_line(exc)})"
 
+    def journal(self, rank: int) -> bytes:
+        """From the rank's agent (an engine whose agent has no ``journal``: b"")."""
+        node = self._node_of[rank]
+        if node.lost:
+            return b""
+        try:
+            return self._call(node, "journal", rank, timeout=5.0)
+        except Exception:
+            return b""
+
     def kill(self, ranks: list) -> None:
         for node, mine in self._by_node(ranks):
             self._quietly(node, "kill", mine)

@@ -221,7 +221,11 @@ def _read_control(control_fd: int) -> "queue.SimpleQueue":
                     os.killpg(0, signal.SIGKILL)
                 os.kill(os.getpid(), signal.SIGKILL)
             for envelope in decoder.feed(data):
-                requests.put(envelope)
+                if isinstance(envelope.message, ch.AbortGroup):  # the main thread may be blocked in a collective
+                    from .process_group import abort
+                    abort()
+                else:
+                    requests.put(envelope)
 
     threading.Thread(target=read, name="notebook_launcher-watchdog", daemon=True).start()
     return requests
@@ -375,6 +379,9 @@ def _init_process_group(spec: WorkerSpec) -> None:
     if spec.rdzv_timeout is not None:
         wait_for_every_rank(spec.world_size, spec.rdzv_timeout)
     init_default_group(dist, spec.backend, spec.rank, spec.world_size, spec.device)
+    if spec.stack_file:
+        from . import journal
+        journal.install(journal.path_for(spec.stack_file))
     from ..integrations import prepare_accelerate
 
     prepare_accelerate(cpu=spec.device == "cpu")
@@ -386,13 +393,15 @@ def _finish_together() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        from .journal import original
+        barrier = original(dist.barrier)     # ours, not the person's: the journal leaves it out
         with heartbeat.waiting_for_peers():  # done: never the rank a stall report blames
             if dist.get_backend() == "nccl":  # name the device, or NCCL guesses it and warns
                 import torch
 
-                dist.barrier(device_ids=[torch.cuda.current_device()])
+                barrier(device_ids=[torch.cuda.current_device()])
             else:
-                dist.barrier()
+                barrier()
 
 
 def _destroy_process_group() -> None:

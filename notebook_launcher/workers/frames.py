@@ -10,13 +10,19 @@ its first frame inward, never the loop that called it, so:
 - **the rule**: drop the outermost run of *launcher frames* (`is_launcher_frame`); what is
   left is the user's part. Frames of ours *inside* the user's part stay: a rank stuck in
   ``accelerator.gather()`` shows that call.
+- **see-through frames**: our wrappers around the person's calls (the collective journal's,
+  `TRANSPARENT`) are left out wherever they are: the person called ``dist.all_reduce``.
 - **the hand-over**: the user's part is real only when the last launcher frame is one that
   calls user code (`HANDOVER`: a task's ``run``, the script runner, runpy, importlib, a
   thread's ``run``). Otherwise the rank is inside the launcher's own work (forming the
   process group, the final barrier, waiting for the next cell), and `where` says so in
   words instead of showing torch frames the user never called.
 
-`bootstrap` uses it for the tracebacks of failed tasks, `stacks` for stall reports.
+`bootstrap` uses it for the tracebacks of failed tasks, `stacks` for stall reports, and
+`whereabouts` says in a few words where a rank is for the roll-call of a stall
+(`rollcall`): its innermost frame of the person's own code (not ours, not torch's or
+another installed library's: `is_library_file`), named as people name it (`place`:
+"cell line 9"), or the launcher's wording when it is in our own work.
 
 Example::
 
@@ -30,6 +36,8 @@ Example::
 from __future__ import annotations
 
 import os
+import re
+import sysconfig
 from dataclasses import dataclass
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -42,6 +50,9 @@ HANDOVER = {("tasks.py", "run"), ("script_task.py", "__call__"), ("script_task.p
             ("runpy.py", "_run_code"), ("<frozen runpy>", "_run_code"),
             ("<frozen importlib._bootstrap_external>", "exec_module"),
             ("<frozen importlib._bootstrap>", "_call_with_frames_removed"), ("threading.py", "run")}
+
+# (file name, function) of our wrappers around the person's own calls: never shown.
+TRANSPARENT = {("journal.py", "journaled")}
 
 # What a rank is doing when it is inside the launcher's own work, by its innermost launcher function.
 _DOING = {
@@ -56,6 +67,11 @@ _DOING = {
 
 
 _WAITING = (_DOING["_finish_together"], _DOING["_tasks"])
+
+# Where installed code lives (torch, other libraries, the standard library), and ours.
+LIBRARIES = tuple({_PACKAGE_DIR, *(os.path.join(sysconfig.get_paths()[key], "") for key in ("purelib", "platlib", "stdlib"))})
+_CELL = re.compile(r"^<dist-cell-\d+>$|^<ipython-input-|ipykernel_\d+[/\\]\d+\.py$")
+_TIDIED_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>.*)$')
 
 
 def waiting_in_the_launcher(stack_text: str) -> bool:
@@ -76,6 +92,11 @@ def is_launcher_frame(filename: str) -> bool:
     return (filename.startswith(_PACKAGE_DIR) or filename.startswith(_MACHINERY)
             or os.path.basename(filename) in _MACHINERY_FILES
             or any(part in filename for part in _MACHINERY_PACKAGES))
+
+
+def is_transparent(filename: str, function: str) -> bool:
+    """One of our wrappers around a call the person made (`TRANSPARENT`)."""
+    return filename.startswith(_PACKAGE_DIR) and (os.path.basename(filename), function) in TRANSPARENT
 
 
 def _handover(frame: Frame) -> bool:
@@ -122,8 +143,54 @@ def is_thread_entry(frames: list) -> bool:
 
 def user_traceback(tb):
     """A traceback without its outermost launcher frames: it starts at the user's own
-    code, as ``python script.py`` shows it (`user_part`'s rule). An error of ours, raised
-    where no user frame is, keeps no frame: its message says what happened."""
+    code, as ``python script.py`` shows it (`user_part`'s rule), and without our
+    see-through wrappers (`is_transparent`). An error of ours, raised where no user frame
+    is, keeps no frame: its message says what happened."""
     while tb is not None and is_launcher_frame(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
+    link = tb
+    while link is not None and link.tb_next is not None:
+        following = link.tb_next
+        if is_transparent(following.tb_frame.f_code.co_filename, following.tb_frame.f_code.co_name):
+            link.tb_next = following.tb_next
+        else:
+            link = following
     return tb
+
+
+def is_library_file(filename: str) -> bool:
+    """Installed code (torch, other libraries, the standard library) or ours: not the person's."""
+    return filename.startswith(LIBRARIES) or filename.startswith("<frozen ")
+
+
+def place(filename: str, line: int) -> str:
+    """A line as people name it: "cell line 4" in a notebook cell, "train.py line 4" in a file."""
+    if _CELL.search(filename):
+        return f"cell line {line}"
+    return f"{os.path.basename(filename) or filename} line {line}"
+
+
+def whereabouts(stacks: str) -> str:
+    """Where a rank is, in words, from its tidied stacks (`stacks.tidy`, source lines
+    added): "at cell line 9 (time.sleep(60))", or the launcher's wording ("finished the
+    function", "between tasks") when it is in our own work; "" when the stacks say nothing.
+
+    Example::
+
+        whereabouts('Current thread 0x1 (most recent call first):\n'
+                    '  File "<dist-cell-3>", line 9 in <module>\n    time.sleep(60)')
+        # 'at cell line 9 (time.sleep(60))'
+    """
+    current = stacks.split("Current thread", 1)[-1] if "Current thread" in stacks else stacks
+    for doing in _DOING.values():
+        if f"({doing})" in current:
+            return doing.split(" (")[0]
+    lines = current.splitlines()
+    frames = [(index, m) for index, text in enumerate(lines) if (m := _TIDIED_FRAME.match(text))]
+    if not frames:
+        return ""
+    index, match = next(((i, m) for i, m in frames if not is_library_file(m["file"])), frames[0])
+    following = lines[index + 1].strip() if index + 1 < len(lines) else ""
+    source = "" if _TIDIED_FRAME.match(lines[index + 1] if index + 1 < len(lines) else "") else following
+    where = f"at {place(match['file'], int(match['line']))}"
+    return f"{where} ({source})" if source else where

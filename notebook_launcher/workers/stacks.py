@@ -17,7 +17,7 @@ import signal
 import tempfile
 import time
 
-from .frames import Frame, is_thread_entry, user_part
+from .frames import Frame, is_thread_entry, is_transparent, user_part
 
 DUMP_SIGNAL = signal.SIGUSR1
 _FRAME = re.compile(r'^(\s*)File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>.*)$')
@@ -34,13 +34,21 @@ def register_dump_handler(path: str) -> None:
 
 
 class StackDumps:
-    """Parent side: one dump file per rank in a private temporary folder."""
+    """Parent side: one dump file per rank in a private temporary folder, and beside it the
+    rank's collective journal (`journal`), which the rank maps and the parent reads."""
 
     def __init__(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="notebook_launcher-stacks-")
 
     def path(self, rank: int) -> str:
         return os.path.join(self.folder, f"rank{rank}.txt")
+
+    def journal(self, rank: int) -> bytes:
+        """The rank's collective journal as it is now (b"" before the rank wrote one), read
+        without the rank's help: a rank blocked in C, or dead, has one too."""
+        from .journal import path_for, read
+
+        return read(path_for(self.path(rank)))
 
     def dump(self, rank: int, pid: int, timeout: float = 1.0) -> str:
         """Ask the worker for its stacks and return them with source lines, or a reason."""
@@ -73,8 +81,9 @@ def _read(path: str) -> str:
 
 def tidy(dump: str) -> str:
     """Keep what matters to the user (`frames.user_part`'s rule): each thread's frames from
-    the user's own code inward; our helper threads go; a main thread that is in the
-    launcher's own work (the final barrier, between tasks) says so in one line."""
+    the user's own code inward, without our see-through wrappers; our helper threads go; a
+    main thread that is in the launcher's own work (the final barrier, between tasks) says
+    so in one line."""
     blocks = [b for b in re.split(r"\n(?=(?:Current thread|Thread) 0x)", dump.strip()) if b.strip()]
     kept = []
     for block in blocks:
@@ -87,7 +96,8 @@ def tidy(dump: str) -> str:
                 kept.append(f"{header}\n  ({doing})")
             continue  # a helper thread of ours
         keep = len(user)
-        kept.append("\n".join([header, *(line for line, _ in matched[:keep])]))
+        shown = [line for line, m in matched[:keep] if not is_transparent(m["file"], m["func"])]
+        kept.append("\n".join([header, *shown]))
     return "\n\n".join(kept)
 
 
