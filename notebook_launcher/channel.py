@@ -109,12 +109,13 @@ class DeviceStats:
 # ----------------------------------------------------------------- parent -> worker
 @dataclass(frozen=True)
 class TaskRequest:
-    blob: bytes                      # the task (`workers.tasks`), pickled with dill
+    blob: bytes                      # the task (`workers.tasks`), pickled with dill (plain pickle: not ``by_value``)
     send_value: bool                 # return the value, or only say it is done
     sources: dict = field(default_factory=dict)  # notebook cells for tracebacks (linecache entries)
     buffers: Optional[list] = None   # the task's out-of-band buffers, inline
     shared: Any = None               # or a `shared_memory.SharedRef` to them (ranks of the notebook's machine)
     inbox: Optional[bytes] = None    # where a big value goes back (`shared_memory.Inbox`); None: inline
+    by_value: bool = True            # pickled with dill; False: a task of plain data, plain pickle
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,16 @@ class FrameDecoder:
         self._in_body = False
 
     def feed(self, data: bytes) -> Iterator[Envelope]:
-        self._chunks.append(data)
-        self._buffered += len(data)
+        envelopes: list = []
+        if not self._chunks and not self._in_body:   # the usual case: whole frames, decoded in place
+            data = _whole_frames(data, envelopes)
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            self._complete_frames(envelopes)
+        yield from envelopes
+
+    def _complete_frames(self, envelopes: list) -> None:
         while self._buffered >= self._need:
             blob = b"".join(self._chunks)
             frame, rest = blob[: self._need], blob[self._need :]
@@ -165,8 +174,7 @@ class FrameDecoder:
             self._buffered = len(rest)
             if self._in_body:
                 self._need, self._in_body = _HEADER.size, False
-                decoded = pickle.loads(frame)
-                yield from decoded.envelopes if isinstance(decoded, Batch) else (decoded,)
+                _unpack(pickle.loads(frame), envelopes)
             else:
                 (self._need,) = _HEADER.unpack(frame)
                 self._in_body = True
@@ -174,6 +182,27 @@ class FrameDecoder:
     @property
     def pending_bytes(self) -> int:
         return self._buffered
+
+
+def _whole_frames(data: bytes, envelopes: list) -> bytes:
+    """Decode the frames ``data`` holds whole into ``envelopes``, without copying it;
+    returns the rest (the start of a frame)."""
+    view, offset, size = memoryview(data), 0, len(data)
+    while size - offset >= _HEADER.size:
+        (need,) = _HEADER.unpack_from(view, offset)
+        end = offset + _HEADER.size + need
+        if end > size:
+            break
+        _unpack(pickle.loads(view[offset + _HEADER.size:end]), envelopes)
+        offset = end
+    return data[offset:] if offset else data
+
+
+def _unpack(decoded: Any, envelopes: list) -> None:
+    if isinstance(decoded, Batch):
+        envelopes.extend(decoded.envelopes)
+    else:
+        envelopes.append(decoded)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -235,15 +264,15 @@ class WorkerChannel:
 
     def _drain_posted(self) -> bytes:
         batch = []
-        while True:
-            try:
-                batch.append(self._queue.popleft())
-            except IndexError:
-                break
+        while self._queue:   # only this thread takes from it (under the lock); others append
+            batch.append(self._queue.popleft())
         return encode(Batch(batch)) if batch else b""
 
     def _flush(self, extra: bytes = b"") -> None:
         # Drain under the lock so posted messages and sent ones keep their order.
         with self._lock:
-            for data in (self._drain_posted(), extra):
-                write_all(self._fd, data)
+            posted = self._drain_posted()
+            if posted:
+                write_all(self._fd, posted)
+            if extra:
+                write_all(self._fd, extra)

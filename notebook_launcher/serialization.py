@@ -213,10 +213,15 @@ class Parcel:
             pass
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str})
+
+
 def dumps_result(value: Any, inbox: Optional[bytes] = None) -> tuple:
     """Serialize a rank's value: ``(payload, pickler_name)``, the payload the pickled bytes
     (no buffers) or a `Parcel`. ``inbox``: the notebook's inbox when it runs on this
     machine; big buffers then go through a memory file handed to it."""
+    if type(value) in _PLAIN:   # a cell's shown value (a repr), None: no buffers, no pickler of ours
+        return pickle.dumps(value, _PROTOCOL), "pickle"
     buffers: list = []
     try:
         header, pickler = _dump(_CPUPickler, value, buffers), "pickle"
@@ -279,16 +284,22 @@ def dumps_task(obj: Any) -> bytes:
         return _dump(_dill_class(), obj, None)
 
 
-def dumps_task_parts(obj: Any) -> tuple:
+def dumps_task_parts(obj: Any, by_value: bool = True) -> tuple:
     """A task as ``(header, buffers)``: the buffers (`pickle.PickleBuffer`) to send inline
-    or write into a memory file (`shared_memory.Outgoing`), in order."""
+    or write into a memory file (`shared_memory.Outgoing`), in order. ``by_value``: with
+    dill (functions of the notebook by value); False for tasks of plain data (a cell's
+    source, a name), which the C pickler writes 15 times faster."""
     buffers: list = []
+    if not by_value:
+        return _dump(_CPUPickler, obj, buffers), buffers
     with dill_recurse():
         header = _dump(_dill_class(), obj, buffers)
     return header, buffers
 
 
-def loads_task(blob: bytes, buffers: Optional[list] = None) -> Any:
+def loads_task(blob: bytes, buffers: Optional[list] = None, by_value: bool = True) -> Any:
+    if not by_value:
+        return pickle.loads(blob, buffers=buffers)
     import dill
 
     return dill.loads(blob, buffers=buffers)
@@ -300,7 +311,7 @@ def load_request(request) -> Any:
     buffers = request.buffers
     if request.shared is not None:
         buffers = request.shared.map()
-    return loads_task(request.blob, buffers)
+    return loads_task(request.blob, buffers, request.by_value)
 
 
 def unsendable_reason(obj: Any) -> str | None:

@@ -412,15 +412,16 @@ class Session:
         rank maps (written once, whatever the number of ranks), and big values come back
         through this process's inbox (`shared_memory`); returned: the file, which the
         caller closes when the call ends. On a cluster, everything travels inline."""
-        blob, buffers = dumps_task_parts(task)
+        by_value = getattr(task, "by_value", True)
+        blob, buffers = dumps_task_parts(task, by_value)
         here = self._ranks.single_host and shared_memory.enabled()
         raws = [buffer.raw() for buffer in buffers]
         outgoing = None
         if here and sum(raw.nbytes for raw in raws) >= shared_memory.MIN_SHARED_BYTES:
             outgoing = shared_memory.Outgoing(raws)   # an Interrupt while writing: closed, nothing sent
         extra = dict(buffers=None if outgoing or not buffers else buffers, shared=outgoing and outgoing.ref,
-                     inbox=shared_memory.inbox_address() if here else None)
-        sources = notebook_sources(skip=frozenset(self._sent_sources))
+                     inbox=shared_memory.inbox_address() if here else None, by_value=by_value)
+        sources = _new_cells(self._sent_sources)
         try:
             with interrupts_deferred():
                 for send_value in (True, False):
@@ -437,14 +438,38 @@ class Session:
 
     def _view(self) -> View:
         """Output lines at once; the dashboard only once a rank reports or shows progress,
-        so a quick cell costs nothing for it."""
-        display = resolve_display(self.config.display)
+        so a quick cell costs nothing for it. Where this kernel shows things is found once
+        (it probes the environment: 0.1-0.5 ms a cell in a kernel)."""
+        display = getattr(self, "_display", None)
+        if display is None:
+            display = self._display = resolve_display(self.config.display)
         if display == "none":
             return View(self.config.line_prefix, self.title)
         from .ui.on_demand import OnDemandView
 
         return OnDemandView(lambda: make_view(display, self.config.line_prefix, self.title, show_log=False),
                             self.config.line_prefix, self.title)
+
+
+def _new_cells(sent: set) -> dict:
+    """The notebook's cells (linecache entries without a file: mtime None) the ranks were
+    not sent yet, found from the newest entry back to the last cell already sent: a cell's
+    entry is never moved or dropped (`linecache.checkcache` skips entries without an mtime)
+    and every cell before it went with an earlier call. Constant time per call, where
+    `ranks.notebook_sources` walks the whole cache, which grows with every cell."""
+    if not sent:
+        return notebook_sources()
+    found = {}
+    try:
+        for name in reversed(linecache.cache):
+            entry = linecache.cache[name]
+            if len(entry) == 4 and entry[1] is None:
+                if name in sent:
+                    break
+                found[name] = entry
+    except RuntimeError:   # another thread changed linecache meanwhile (a traceback)
+        return notebook_sources(skip=frozenset(sent))
+    return found
 
 
 def _preload_for_cells() -> None:

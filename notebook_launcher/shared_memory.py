@@ -43,6 +43,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import select
 import socket
 import struct
 import sys
@@ -182,6 +183,8 @@ class Inbox:
         self._listener.bind(self.address)
         self._listener.listen(socket.SOMAXCONN)
         self._listener.setblocking(False)
+        self._ready = select.poll()    # whether a connection waits: no accept (and no exception) per call
+        self._ready.register(self._listener, select.POLLIN)
         self._arrived: dict = {}       # nonce -> (fd, sender pid)
         self._lock = threading.Lock()
 
@@ -228,6 +231,8 @@ class Inbox:
             return len(self._arrived)
 
     def _accept_all(self) -> None:
+        if not self._ready.poll(0):
+            return
         while True:
             try:
                 conn, _ = self._listener.accept()

@@ -25,6 +25,8 @@ from typing import Any, Callable
 class Call:
     """``function(*args, **kwargs)``; its return value is the task's value."""
 
+    by_value = True     # pickled with dill: the notebook's functions travel by value
+
     function: Callable
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
@@ -41,6 +43,7 @@ class Execute:
 
     source: str
     filename: str               # "<dist-cell-N>": shown in tracebacks, with the lines
+    by_value = False            # plain data: the C pickler is enough
 
     def run(self, namespace: dict) -> Any:
         lines = self.source.splitlines(keepends=True)
@@ -59,6 +62,7 @@ class Pull:
     """A variable from the rank's namespace (tensors come back on the CPU)."""
 
     name: str
+    by_value = False
 
     def run(self, namespace: dict) -> Any:
         if self.name not in namespace:
@@ -79,6 +83,7 @@ class Push:
 
     values: dict
     key: int = 0
+    by_value = True     # the values may hold notebook functions and classes
 
     def run(self, namespace: dict) -> Any:
         _held.clear()
@@ -93,6 +98,7 @@ class Bind:
 
     key: int
     bind: bool = True
+    by_value = False
 
     def run(self, namespace: dict) -> Any:
         values = _held.pop(self.key, None)
