@@ -141,6 +141,17 @@ class DistMagics(Magics):
 
     # ------------------------------------------------------------- %%dist
     def _run_cell(self, line: str, cell: str) -> None:
+        ranks = self._cell_ranks(line) if line.strip() else None   # a bare %%dist: no parsing (shlex, argparse)
+        session = self._require()
+        try:
+            shown = session.execute(cell, ranks=ranks)
+        except WorkerError as error:
+            error._render_traceback_ = lambda error=error: _error_lines(error)  # the rank's traceback, not our frames
+            raise
+        for rank, text in shown.items():
+            print(f"Out[rank {rank}]: {text}")
+
+    def _cell_ranks(self, line: str) -> Optional[list]:
         args = self._cell_parser.parse_args(_split(line))
         ranks = None
         if args.ranks is not None:
@@ -150,14 +161,7 @@ class DistMagics(Magics):
                 ranks = []
             if not ranks:
                 raise UsageError(f"%%dist --ranks takes comma-separated rank numbers, e.g. --ranks 0,1; got {args.ranks!r}.")
-        session = self._require()
-        try:
-            shown = session.execute(cell, ranks=ranks)
-        except WorkerError as error:
-            error._render_traceback_ = lambda error=error: _error_lines(error)  # the rank's traceback, not our frames
-            raise
-        for rank, text in shown.items():
-            print(f"Out[rank {rank}]: {text}")
+        return ranks
 
     def _open(self) -> bool:
         return self.session is not None and self.session.status != SessionStatus.CLOSED
