@@ -400,7 +400,7 @@ class Supervisor:
             self.state.apply(Stalled(rank, self.stall.timeout, report, now))
             self.view.stalled(rank, self.stall.timeout, report)
         if self.stall.on_stall == "raise":
-            missing = rollcall.missing(journals, self.group.ranks)
+            missing = rollcall.missing(journals, self.group.ranks, stuck=stuck)
             rank = missing[0] if missing else likely_culprit(stuck, stacks)
             quiet = f"no progress for {self.stall.timeout:g}s (stall_timeout) on " + ", ".join(f"rank {r}" for r in stuck)
             failure = Failure(

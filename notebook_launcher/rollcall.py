@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from .workers.frames import place
-from .workers.journal import Entry, Snapshot
+from .workers.journal import SLOTS, Entry, Snapshot
 
 CPP = "a collective torch issued from C++ (DDP's gradient all_reduce or its start-up broadcast, say)"
 
@@ -50,11 +50,16 @@ def roll_call(journals: dict, everyone: list, where: Callable[[int], str], state
     rank is. ``journals``: {rank: Snapshot or None}; ``everyone``: the ranks of the default
     group; ``where(rank)``: words for where a rank is; ``states``: which last entries count
     as in flight ("failed" too, after a collective raised); ``stuck``: ranks known to show
-    no sign of life, for collectives torch issued from C++ (`cpp_line`)."""
+    no sign of life: when none waits inside a call, a collective they issued that others
+    have not (NCCL's return at once: the wait comes later, `_issued`), else one torch
+    issued from C++ (`cpp_line`)."""
     inside = _inside(journals, states)
     lines = [_p2p_line(rank, entry, inside, where) for rank, entry in inside.items() if entry.point_to_point]
     for key, seq, ranks, missing, past in _collectives(journals, inside, everyone):
         lines.append(_collective_line(key, seq, ranks, missing, past, journals, inside, where))
+    if not lines and stuck:
+        lines = [_issued_line(entry, ahead, behind, journals, where)
+                 for entry, ahead, behind in _issued(journals, stuck, everyone)]
     if not lines and stuck:
         cpp = cpp_line(journals, stuck, where)
         if cpp:
@@ -62,14 +67,50 @@ def roll_call(journals: dict, everyone: list, where: Callable[[int], str], state
     return lines
 
 
-def missing(journals: dict, everyone: list, states: tuple = ("waiting",)) -> list:
+def missing(journals: dict, everyone: list, states: tuple = ("waiting",), stuck: Optional[list] = None) -> list:
     """The ranks the collectives in flight wait for, in the order `roll_call` names them
     (the first is the one a stall is blamed on)."""
     inside = _inside(journals, states)
     out = [entry.peer for rank, entry in inside.items() if entry.point_to_point and entry.peer not in inside]
     for _, _, _, absent, _ in _collectives(journals, inside, everyone):
         out.extend(rank for rank in absent if rank not in out)
+    if not out and stuck:
+        for _, _, behind in _issued(journals, stuck, everyone):
+            out.extend(rank for rank in behind if rank not in out)
     return out
+
+
+def _issued(journals: dict, stuck: list, everyone: list) -> list:
+    """[(entry, ranks that issued it, ranks that have not)] for the latest collective of
+    each group that stuck ranks issued (and left: NCCL's calls return once queued) while
+    other members of the group have not reached it."""
+    latest: dict = {}
+    for rank in stuck:
+        snap = journals.get(rank)
+        for entry in reversed(snap.entries if snap is not None else []):
+            if not entry.point_to_point:
+                latest.setdefault(entry.key, {}).setdefault(rank, entry)
+    out = []
+    for key, entries in latest.items():
+        top = max(entry.seq for entry in entries.values())
+        ahead = sorted(rank for rank, entry in entries.items() if entry.seq == top)
+        first = entries[ahead[0]]
+        behind = [rank for rank in first.members(everyone) if rank not in ahead and _reached(journals.get(rank), key) < top]
+        if behind:
+            out.append((first, ahead, behind))
+    return out
+
+
+def _reached(snap: Optional[Snapshot], key: tuple) -> int:
+    last = snap.last(key) if snap is not None else None
+    return last.seq if last is not None else 0
+
+
+def _issued_line(entry: Entry, ahead: list, behind: list, journals: dict, where: Callable[[int], str]) -> str:
+    head = f"{entry.op} #{entry.seq}{_group_text(entry)} ({place(entry.file, entry.line)})"
+    issued = "; ".join(f"rank {rank} issued it and waits{', ' + where(rank) if where(rank) else ''}" for rank in ahead)
+    absent = "; ".join(_missing_text(rank, entry.key, journals, where) for rank in behind)
+    return f"{head} is waiting for {ranks_text(behind)}: {issued}; {absent}"
 
 
 def _inside(journals: dict, states: tuple) -> dict:
@@ -177,7 +218,8 @@ def _root_text(entry: Entry) -> str:
 def hopeless(journals: dict, left: set, everyone: list, left_at: Optional[dict] = None) -> list:
     """Ranks waiting in a collective that can never complete: a member of its group (the
     peer, for a send or recv) has left the task (``left``: failed, finished, gone, or not
-    in this call). Only aborting the group releases them.
+    in this call), or will never reach a collective the rank has issued (NCCL's calls
+    return once queued: the rank waits later). Only aborting the group releases them.
 
     Collectives torch issued from C++ (DDP's) count too, where ``left_at`` says when each
     rank left (on the ranks' own clock, comparable with their samples: one machine): a rank
@@ -192,9 +234,29 @@ def hopeless(journals: dict, left: set, everyone: list, left_at: Optional[dict] 
             members = [entry.peer] if entry.point_to_point else entry.members(everyone)
             if any(member in left for member in members if member != rank):
                 out.append(rank)
-        elif left_at and _ahead_of_the_left(snap, journals, left_at):
+        elif _issued_past_the_left(snap, journals, left, everyone) or (
+                left_at and _ahead_of_the_left(snap, journals, left_at)):
             out.append(rank)
     return out
+
+
+def _issued_past_the_left(snap: Snapshot, journals: dict, left: set, everyone: list) -> bool:
+    """The rank's latest collective of a group is one a member that left never reached
+    (a member whose journal holds nothing of the group reached none only if it holds all
+    it ever did: fewer than SLOTS)."""
+    latest: dict = {}
+    for entry in reversed(snap.entries):
+        if not entry.point_to_point:
+            latest.setdefault(entry.key, entry)
+    for key, entry in latest.items():
+        for member in entry.members(everyone):
+            theirs = journals.get(member)
+            if member in left and theirs is not None:
+                last = theirs.last(key)
+                reached = last.seq if last is not None else (0 if theirs.count < SLOTS else entry.seq)
+                if reached < entry.seq:
+                    return True
+    return False
 
 
 def _ahead_of_the_left(snap: Snapshot, journals: dict, left_at: dict) -> bool:

@@ -97,7 +97,12 @@ def test_mismatched_shapes_are_named_and_the_session_keeps_its_variables(kernel)
     assert "STATUS idle" in out and "NEXT {0: '10.0', 1: '10.0'}" in out
 
 
-@pytest.mark.parametrize("waiting_in", ["all_reduce", "DDP's backward"])
+WAITS = {"all_reduce": "dist.all_reduce(kept)",
+         "an async all_reduce's wait": "dist.all_reduce(kept, async_op=True).wait()",   # as NCCL's calls return at once
+         "DDP's backward": "model(torch.ones(2, 4)).sum().backward()"}
+
+
+@pytest.mark.parametrize("waiting_in", list(WAITS))
 def test_a_rank_that_fails_before_a_collective_its_peer_waits_in_keeps_the_session(kernel, waiting_in):
     ok(kernel, "%dist start -n 2 --device cpu --display none")
     pids = sorted(kernel.value(f"{SESSION}.pids").values())
@@ -107,8 +112,8 @@ def test_a_rank_that_fails_before_a_collective_its_peer_waits_in_keeps_the_sessi
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
         model(torch.ones(2, 4)).sum().backward()
     """)
-    wait = "dist.all_reduce(kept)" if waiting_in == "all_reduce" else "model(torch.ones(2, 4)).sum().backward()"
-    cell = f"import time\nif rank == 1:\n    print('FAILING_AT', time.monotonic(), flush=True)\n    raise ValueError('bad shard')\n{wait}\n"
+    cell = (f"import time\nif rank == 1:\n    print('FAILING_AT', time.monotonic(), flush=True)\n"
+            f"    raise ValueError('bad shard')\n{WAITS[waiting_in]}\n")
     out = ok(kernel, f"""
         try:
             {SESSION}.execute({cell!r})
@@ -137,6 +142,25 @@ def test_a_rank_that_fails_before_a_collective_its_peer_waits_in_keeps_the_sessi
     assert "Out[rank 0]: ([3.0, 3.0], 12.0)" in after.stdout and "Out[rank 1]: ([3.0, 3.0], 12.0)" in after.stdout
     assert ok(kernel, "%dist status").stdout.startswith("idle")
     assert sorted(kernel.value(f"{SESSION}.pids").values()) == pids          # the same ranks
+
+
+def test_a_stall_in_the_wait_of_a_collective_issued_before_names_the_rank_that_never_issued_it(kernel):
+    """NCCL's collectives return once queued and ranks wait later (a synchronize, ``.item()``):
+    an async gloo call waited on later is the same case, on the CPU."""
+    ok(kernel, """
+        session = Session(2, device="cpu", display="none", stall_timeout=2, on_stall="raise")
+    """)
+    out = ok(kernel, """
+        try:
+            session.execute("import time\\nt = torch.ones(1)\\ndist.all_reduce(t)\\nif rank == 1:\\n    time.sleep(60)\\n"
+                            "else:\\n    work = dist.all_reduce(t, async_op=True)\\n    work.wait()")
+        except WorkerError as error:
+            print("BLAMED", error.rank)
+            print(error)
+    """, timeout=90).stdout
+    assert "BLAMED 1" in out
+    assert ("all_reduce #2 (cell line 7) is waiting for rank 1: rank 0 issued it and waits, at cell line 8 "
+            "(work.wait()); rank 1 missing, at cell line 5 (time.sleep(60)) (its last: all_reduce #1, cell line 3)") in out, out
 
 
 def test_an_interrupt_while_a_rank_waits_in_a_collective_keeps_the_session(kernel):

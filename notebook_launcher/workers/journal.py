@@ -52,7 +52,7 @@ SAMPLE_EVERY = 0.5              # seconds between samples of the default group's
 MAX_DIMS = 6                    # a tensor with more dims records its numel as one
 
 _HEADER = struct.Struct("<4sIIIQQQd")   # magic, version, pid, generation, (unused), strings used, C++ count, its time
-_MOVING = struct.Struct("<QId")        # an entry's index, seq, start time: written at each call
+_MOVING = struct.Struct("<QI")         # an entry's index and its number in its group: written at each call
 _STATIC = struct.Struct("<BBBBHHHIi")   # state, op, dtype, ndim, group, count, file, line, peer; dims follow:
 #                                         the same for every call of one line with one shape (kept, `Journal.static`)
 STATICS_KEPT = 4096                     # call sites x shapes remembered before starting over
@@ -129,6 +129,7 @@ class Journal:
         self._strings: dict = {}
         self._strings_used = 0
         self._groups: dict = {}          # group object (None: the default one) -> string id
+        self.defaults = [0]              # the default group's string id (0 until its first collective)
         self._seqs: dict = {}            # string id of a group -> collectives so far
         self._dtypes: dict = {}
         self._statics: dict = {}         # (file, line, group, shape, dtype, ...) -> an entry's static bytes
@@ -162,7 +163,7 @@ class Journal:
 
         world = dist.distributed_c10d.GroupMember.WORLD
         if group is None or group is world:
-            ident = self.string(f"{self.generation}|default")
+            ident = self.defaults[0] = self.string(f"{self.generation}|default")
         else:
             try:
                 ranks = ",".join(str(r) for r in dist.get_process_group_ranks(group))
@@ -196,6 +197,7 @@ class Journal:
         """A fresh default group: numbers start again (the old group's are void)."""
         self.generation += 1
         self._groups.clear()
+        self.defaults[0] = 0
         self._seqs.clear()
         self._header()
 
@@ -259,20 +261,23 @@ def _wrap(journal: Journal, name: str, function, spec):
     """``function`` with its calls written to ``journal`` (the hot path: keep it lean)."""
     (t_pos, t_key, kind), peer, g_pos, a_pos = spec
     op = OP_NAMES.index(name) + 1
-    moving, groups, seqs, statics = _MOVING.pack_into, journal._groups, journal._seqs, journal._statics
-    body, first, slots, slot = _MOVING.size, ENTRIES_AT, SLOTS, SLOT
-    state_at, failed, issued, returned = _STATE_AT, FAILED, ISSUED, RETURNED
-    numbers = journal.numbers
-    frame_of, libraries, monotonic = sys._getframe, _LIBRARIES, time.monotonic
+    moving, groups, seqs, statics = _MOVING.pack, journal._groups, journal._seqs, journal._statics
+    first, slots, slot = ENTRIES_AT, SLOTS, SLOT
+    state_at, failed, returned = _STATE_AT, FAILED, RETURNED
+    numbers, defaults = journal.numbers, journal.defaults
+    frame_of, libraries = sys._getframe, _LIBRARIES
     the_map = journal.map
     p_pos, p_key = peer if peer else (None, None)
     p2p = name in POINT_TO_POINT
 
     def journaled(*args, **kwargs):
         n = len(args)
-        try:   # the hot path: about a microsecond (benchmarks/journal_cost.py)
-            group = args[g_pos] if n > g_pos else kwargs.get("group")
-            gid = groups.get(group) or journal.group_id(group)
+        try:   # the hot path: about a microsecond and a half (benchmarks/journal_cost.py)
+            if n > g_pos or kwargs:
+                group = args[g_pos] if n > g_pos else kwargs.get("group")
+                gid = groups.get(group) or journal.group_id(group)
+            else:   # the default group, as most calls use it
+                gid = defaults[0] or journal.group_id(None)
             counter = -gid if p2p else gid     # point-to-point calls are numbered apart: ranks differ in them
             seq = seqs[counter] = seqs.get(counter, 0) + 1
             caller = frame_of(1)
@@ -292,8 +297,8 @@ def _wrap(journal: Journal, name: str, function, spec):
             static = statics.get(key) or journal.static(key, op)
             index = next(numbers)
             at = first + (index % slots) * slot
-            moving(the_map, at, index, seq, monotonic())
-            the_map[at + body:at + body + len(static)] = static
+            entry = moving(index, seq) + static
+            the_map[at:at + len(entry)] = entry
         except Exception:   # a call torch itself will refuse (no tensor, say): journal nothing
             at = None
         try:
@@ -303,8 +308,8 @@ def _wrap(journal: Journal, name: str, function, spec):
                 the_map[at + state_at] = failed
             raise
         if at is not None:
-            asynchronous = a_pos is not None and (args[a_pos] if n > a_pos else kwargs.get("async_op"))
-            the_map[at + state_at] = issued if asynchronous else returned
+            the_map[at + state_at] = returned if a_pos is None or not (
+                args[a_pos] if n > a_pos else kwargs.get("async_op")) else ISSUED
         return result
 
     journaled.__wrapped__ = function
@@ -355,7 +360,6 @@ class Entry:
     count: int          # tensors in a list, or objects
     file: str
     line: int
-    t: float            # time.monotonic() when it started (the rank's clock)
     peer: int           # src or dst, -1 when none
 
     @property
@@ -437,7 +441,7 @@ def decode(raw: bytes) -> Optional[Snapshot]:
     entries = []
     for slot in range(SLOTS):
         at = ENTRIES_AT + slot * SLOT
-        index, seq, t = _MOVING.unpack_from(raw, at)
+        index, seq = _MOVING.unpack_from(raw, at)
         state, op, dtype, ndim, gid, n, fid, line, peer = _STATIC.unpack_from(raw, at + _MOVING.size)
         if index == 0 or index % SLOTS != slot or not 0 < op <= len(OP_NAMES):
             continue   # never written, or half written
@@ -445,7 +449,7 @@ def decode(raw: bytes) -> Optional[Snapshot]:
                                   at + _MOVING.size + _STATIC.size)
         generation_text, _, group = strings.get(gid, "0|?").partition("|")
         entries.append(Entry(index, seq, group, int(generation_text or 0), OP_NAMES[op - 1], STATES.get(state, "?"),
-                             _dtype_name(dtype), tuple(dims), n, strings.get(fid, "?"), line, t, peer))
+                             _dtype_name(dtype), tuple(dims), n, strings.get(fid, "?"), line, peer))
     entries.sort(key=lambda entry: entry.index)
     return Snapshot(pid, generation, entries[-1].index if entries else 0, entries, cpp_count, cpp_at)
 
