@@ -224,7 +224,10 @@ class WorkerChannel:
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()  # one writer at a time on the pipe
-        self._flusher: threading.Thread | None = None
+        # Started now, not at the first post: a rank's threads are the same from its start
+        # (heartbeats post at random moments; a leak check counts threads).
+        self._flusher = threading.Thread(target=self._flush_loop, name="notebook_launcher-channel", daemon=True)
+        self._flusher.start()
 
     def send(self, message: Any) -> None:
         """Write one message now (after anything posted before it)."""
@@ -235,8 +238,6 @@ class WorkerChannel:
         if os.getpid() != self._pid:  # a process forked from the worker (DataLoader): not ours
             return
         self._queue.append(Envelope(self.task_id, message))
-        if self._flusher is None:
-            self._start_flusher()
 
     def flush(self) -> None:
         """Send what was posted so far, now."""
@@ -246,13 +247,8 @@ class WorkerChannel:
         """Flush what was posted and stop the flusher."""
         self._stop = True
         self._wake.set()
-        if self._flusher is not None:
-            self._flusher.join(timeout=5)
+        self._flusher.join(timeout=5)
         self._flush()
-
-    def _start_flusher(self) -> None:
-        self._flusher = threading.Thread(target=self._flush_loop, name="notebook_launcher-channel", daemon=True)
-        self._flusher.start()
 
     def _flush_loop(self) -> None:
         while not self._stop:

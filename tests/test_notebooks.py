@@ -244,6 +244,13 @@ def test_05_interactive_session(tmp_path):
 
     stuck = error(cell(nb, "stuck"))
     assert stuck is not None and stuck.evalue.startswith("rank 1 failed: RuntimeError: rank 1 never joins")
+    assert "rank 0: released: rank 1 failed" in stuck.evalue                 # rank 0 was waiting in the all_reduce
+    kept = cell(nb, "kept")
+    assert error(kept) is None and not text(kept, "stderr").strip()           # no restart: the same ranks
+    assert rank_values(kept) == {r: {"model still here": True, "sum": 2.0} for r in (0, 1)}
+
+    lost = error(cell(nb, "lost"))
+    assert lost is not None and lost.evalue.startswith("rank 1 failed: ") and "signal 9" in lost.evalue.replace("SIGKILL", "signal 9")
     restarted = cell(nb, "restarted")
     notice = text(restarted, "stderr").strip().splitlines()
     assert len(notice) == 1 and "session was broken" in notice[0] and "starting fresh ranks" in notice[0]

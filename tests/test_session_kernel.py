@@ -95,16 +95,15 @@ def test_an_error_on_one_rank_raises_in_the_cell_and_the_next_cell_keeps_the_sta
     assert "broken" not in after.stderr
 
 
-@pytest.mark.parametrize("how", ["dies", "stuck in a collective"])
-def test_a_dead_or_stuck_rank_breaks_the_session_and_the_next_cell_restarts_it(kernel, how):
+def test_a_dead_rank_breaks_the_session_and_the_next_cell_restarts_it(kernel):
+    """(A rank that fails before a collective its peers wait in keeps the session: see
+    test_collectives_kernel.py.)"""
     old = start(kernel)
     ok(kernel, "%%dist\nkept = 1")
-    body = "import os\nif rank == 1:\n    os._exit(3)" if how == "dies" else \
-        "if rank == 1:\n    raise RuntimeError('rank 1 gives up')\ndist.barrier()"
     began = time.monotonic()
-    failed = kernel.run("%%dist\n" + body)
+    failed = kernel.run("%%dist\nimport os\nif rank == 1:\n    os._exit(3)\ndist.barrier()")
     assert failed.ename == "WorkerError"
-    assert ("rank 1 failed: exited with code 3" if how == "dies" else "rank 1 failed: RuntimeError") in failed.traceback
+    assert "rank 1 failed: exited with code 3" in failed.traceback
     assert time.monotonic() - began < 5
     assert "The session is broken (rank " in failed.traceback and "the next call starts fresh ones" in failed.traceback
     assert pids_alive(old) == []                                  # the broken ranks are gone at once
@@ -115,24 +114,32 @@ def test_a_dead_or_stuck_rank_breaks_the_session_and_the_next_cell_restarts_it(k
     assert not set(old) & {p.pid for p in kernel.descendants()}
 
 
-@pytest.mark.parametrize("blocked_in_c", [False, True])
-def test_interrupt_ends_the_cell_within_two_seconds(kernel, blocked_in_c):
+# Each rank says where it is about to block; Interrupt is pressed once both said so and
+# (blocked) both main threads are asleep there.
+INTERRUPTED = {
+    "in Python": ("import time\nprint(f'RANK{rank}_THERE', flush=True)\nfor i in range(600):\n    time.sleep(0.1)"),
+    # rank 0 waits in gloo's barrier, in C, for rank 1 (in Python): the barrier is released
+    # by aborting the group on every rank, and the session lives on
+    "in a collective": ("import time\nprint(f'RANK{rank}_THERE', flush=True)\nif rank == 1:\n    time.sleep(60)\n"
+                        "dist.barrier()"),
+    # rank 0 cannot take the signal (as in a C extension's long call): it is killed
+    "deaf to signals": ("import signal, time\nif rank == 0:\n    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])\n"
+                        "print(f'RANK{rank}_THERE', flush=True)\ntime.sleep(60)"),
+}
+
+
+@pytest.mark.parametrize("where", list(INTERRUPTED))
+def test_interrupt_ends_the_cell_within_two_seconds(kernel, where):
     pids = start(kernel)
     rank_pids = kernel.value(f"{SESSION}.pids")
     ok(kernel, "%%dist\nkept = 7")
-    # Each rank says where it is about to block; Interrupt is pressed once both said so
-    # and (blocked in C) both main threads are asleep there.
-    markers = ("RANK0_IN_BARRIER", "RANK1_SLEEPING") if blocked_in_c else ("RANK0_LOOPING", "RANK1_LOOPING")
-    body = ("import time\nif rank == 1:\n    print('RANK1_SLEEPING', flush=True)\n    time.sleep(60)\n"
-            "print('RANK0_IN_BARRIER', flush=True)\ndist.barrier()" if blocked_in_c
-            else "import time\nprint(f'RANK{rank}_LOOPING', flush=True)\nfor i in range(600):\n    time.sleep(0.1)")
     said = threading.Event()
     pressed, problems = [], []
 
     def press_when_there():
         try:
             assert said.wait(timeout=30), "the ranks never said they were there"
-            if blocked_in_c:
+            if where != "in Python":
                 for pid in rank_pids.values():
                     wait_until_blocked(pid)
         except BaseException as exc:
@@ -143,21 +150,23 @@ def test_interrupt_ends_the_cell_within_two_seconds(kernel, blocked_in_c):
     with ExitWatch(pids) as watch:
         presser = threading.Thread(target=press_when_there, daemon=True)
         presser.start()
-        result = kernel.run("%%dist\n" + body, timeout=60,
-                            on_output=lambda partial: all(m in partial.stdout for m in markers) and said.set())
+        result = kernel.run("%%dist\n" + INTERRUPTED[where], timeout=60,
+                            on_output=lambda partial: all(f"RANK{r}_THERE" in partial.stdout for r in (0, 1)) and said.set())
         ended = time.monotonic()
         presser.join(timeout=30)
         assert not problems, f"{problems}: {result.text}"
         assert result.ename == "KeyboardInterrupt"
         assert ended - pressed[0] < 2.0
         status = ok(kernel, "%dist status").stdout
-        if blocked_in_c:   # rank 0 waits in gloo's barrier, in C: it cannot be interrupted, so it is killed
-            assert status.startswith("broken") and "could not be interrupted" in status
+        if where == "deaf to signals":
+            assert status.startswith("broken") and "rank 0 could not be interrupted" in status, status
             assert watch.last_exit(timeout=5) - pressed[0] < 2.0, watch.exits   # every rank, by PID
-        else:              # every rank left the loop: the session, its ranks and their state live on
-            assert status.startswith("idle")
+        else:              # every rank left the cell: the session, its ranks and their state live on
+            assert status.startswith("idle"), status
             assert pids_alive(pids) == pids and watch.exits == {}
             assert "Out[rank 1]: 7" in ok(kernel, "%%dist\nkept").stdout
+            if where == "in a collective":   # the group was made again: collectives work
+                assert "Out[rank 0]: 2.0" in ok(kernel, "%%dist\nt = torch.ones(1)\ndist.all_reduce(t)\nt.item()").stdout
 
 
 def test_bad_magic_arguments_are_usage_errors_and_keep_the_running_session(kernel):
