@@ -82,7 +82,7 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kernel(cluster):
+def kernel(cluster, stranger):
     startup = textwrap.dedent(f"""
         import os, time
         import ray, torch, torch.distributed as dist
@@ -120,21 +120,6 @@ def assert_nothing_left(kernel: Kernel, pids=()) -> None:
 
 def pids_in(text: str) -> list:
     return [int(p) for p in re.findall(r"PID (\d+)", text)]
-
-
-def connects(address: str, env: dict) -> bool:
-    code = "import ray, sys; ray.init(address=sys.argv[1]); print(ray.cluster_resources()['CPU']); ray.shutdown()"
-    probe = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True,
-                           timeout=120)
-    return probe.returncode == 0 and probe.stdout.strip().endswith("2.0")
-
-
-def test_token_authentication_is_on(cluster, tmp_path):
-    """A process with another token is refused; one with the cluster's token connects."""
-    wrong = tmp_path / "wrong_token"
-    wrong.write_text(secrets.token_hex(32))
-    assert not connects(cluster.address, {**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)})
-    assert connects(cluster.address, cluster.env)
 
 
 def test_a_two_node_launch_returns_rank_0s_value_and_runs_on_two_ray_nodes(kernel):
@@ -245,6 +230,33 @@ def test_kernel_death_takes_every_actor_placement_group_and_rank(cluster):
     probe = subprocess.run([sys.executable, "-c", check, cluster.address], env=cluster.env, capture_output=True,
                            text=True, timeout=180)
     assert "GROUPS LEFT 0" in probe.stdout, probe.stdout + probe.stderr
+
+
+CONNECT = "import ray, sys; ray.init(address=sys.argv[1]); print(ray.cluster_resources()['CPU']); ray.shutdown()"
+
+
+@pytest.fixture(scope="module")
+def stranger(cluster, tmp_path_factory):
+    """A process that tries the cluster with another token, started with the module: Ray
+    retries for about 20 s before it gives up, so it does that while the other tests run."""
+    wrong = tmp_path_factory.mktemp("stranger") / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    probe = subprocess.Popen([sys.executable, "-c", CONNECT, cluster.address],
+                             env={**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield probe
+    if probe.poll() is None:
+        probe.kill()
+    probe.communicate()
+
+
+def test_token_authentication_is_on(cluster, stranger):
+    """A process with another token is refused; one with the cluster's token connects."""
+    right = subprocess.run([sys.executable, "-c", CONNECT, cluster.address], env=cluster.env, capture_output=True,
+                           text=True, timeout=120)
+    assert right.returncode == 0 and right.stdout.strip().endswith("2.0"), right.stdout + right.stderr
+    out, err = stranger.communicate(timeout=120)
+    assert stranger.returncode != 0 and "2.0" not in out, out + err
 
 
 # ----------------------------------------------------------------- refused before anything starts
