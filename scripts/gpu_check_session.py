@@ -9,7 +9,12 @@ Jupyter kernel (fork from ipykernel, as people use it):
 - the GPU memory the ranks hold (nvidia-smi, per pid) is freed by `%dist stop`, and the
   rank processes are gone;
 - a broken session (a rank killed) frees its memory too, and the next cell restarts it;
-- with CUDA already initialized in the kernel, the session starts with spawn and works.
+- with CUDA already initialized in the kernel, the session starts with spawn and works;
+- on NCCL (2 GPUs or more; skipped on one, since NCCL refuses two ranks on one device): a
+  rank that raises before an all_reduce its peer waits in keeps the session (the peer is
+  released, the group rebuilt, the next cell's all_reduce works on the old tensors); a rank
+  that never issues an all_reduce its peer issued and waits on (NCCL returns at once) is
+  named by the roll-call and blamed.
 """
 
 from __future__ import annotations
@@ -103,6 +108,53 @@ def session_after_cuda_init():
         out = ok(kernel, "%%dist\nt = torch.ones(1, device=device)\ndist.all_reduce(t)\nt.item()")
         ok(kernel, "%dist stop")
         return out.stdout.strip().replace("\n", " | ")
+
+
+def gpu_count() -> int:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+@check("NCCL: a rank failing before an all_reduce its peer waits in keeps the session and its tensors")
+def nccl_failed_collective_keeps_the_session():
+    if gpu_count() < 2:
+        return f"SKIPPED: needs 2 GPUs, found {gpu_count()}"
+    with Kernel(startup=STARTUP) as kernel:
+        ok(kernel, "%dist start -n 2 --display none")
+        pids = sorted(p.pid for p in kernel.descendants())
+        ok(kernel, "%%dist\nkept = torch.ones(1, device=device) * (rank + 1)")
+        began = time.monotonic()
+        failed = kernel.run("%%dist\nif rank == 1:\n    raise ValueError('bad shard')\n"
+                            "t = kept.clone()\ndist.all_reduce(t)\ntorch.cuda.synchronize()\nt.item()", timeout=120)
+        took = time.monotonic() - began
+        assert failed.ename == "WorkerError" and "rank 1 failed: ValueError: bad shard" in failed.traceback, failed.traceback
+        assert "released: rank 1 failed" in failed.traceback, failed.traceback
+        assert ok(kernel, "%dist status").stdout.startswith("idle")
+        after = ok(kernel, "%%dist\nt = kept.clone()\ndist.all_reduce(t)\nt.item()")
+        assert "Out[rank 0]: 3.0" in after.stdout and "Out[rank 1]: 3.0" in after.stdout, after.stdout
+        assert sorted(p.pid for p in kernel.descendants()) == pids
+        ok(kernel, "%dist stop")
+        return f"recovered in {took:.1f}s; the same ranks; the next all_reduce gave 3.0"
+
+
+@check("NCCL: a rank that never issues an all_reduce is named by the roll-call and blamed")
+def nccl_roll_call():
+    if gpu_count() < 2:
+        return f"SKIPPED: needs 2 GPUs, found {gpu_count()}"
+    with Kernel(startup=STARTUP) as kernel:
+        out = ok(kernel, """
+            from notebook_launcher import Session, WorkerError
+            session = Session(2, display="none", stall_timeout=5, on_stall="raise")
+            try:
+                session.execute("import time\\nt = torch.ones(1, device=device)\\nif rank == 1:\\n    time.sleep(120)\\n"
+                                "dist.all_reduce(t)\\ntorch.cuda.synchronize()")
+            except WorkerError as error:
+                print("BLAMED", error.rank)
+                print(error)
+            session.close()
+        """, timeout=300).stdout
+        assert "BLAMED 1" in out and "is waiting for rank 1" in out, out
+        return next(line for line in out.splitlines() if "is waiting for rank 1" in line)[-200:]
 
 
 if __name__ == "__main__":
