@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from test_ray_kernel import assert_nothing_left, cell, cluster, kernel, pids_in  # noqa: E402,F401
+from test_ray_kernel import assert_nothing_left, cell, cluster, kernel, pids_in, stranger  # noqa: E402,F401
 
 CHECK = """
     import os
