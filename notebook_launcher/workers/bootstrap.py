@@ -223,7 +223,10 @@ def _read_control(control_fd: int) -> "queue.SimpleQueue":
             for envelope in decoder.feed(data):
                 if isinstance(envelope.message, ch.AbortGroup):  # the main thread may be blocked in a collective
                     from .process_group import abort
-                    abort()
+                    try:
+                        abort()
+                    except BaseException as exc:   # this thread must live on: it reads Regroup, Shutdown and EOF
+                        print(f"notebook_launcher: aborting the process group failed: {exc!r}", file=sys.stderr)
                 else:
                     requests.put(envelope)
 

@@ -126,8 +126,9 @@ class Journal:
             os.close(fd)
         self.numbers = itertools.count(1)   # each collective's index in this journal
         self.generation = 0
-        self._strings: dict = {}
+        self._strings: dict = {}         # text -> id, of the strings in the table now
         self._strings_used = 0
+        self._next_id = 1                # ids are never reused: an old entry's file reads "?", never another's
         self._groups: dict = {}          # group object (None: the default one) -> string id
         self.defaults = [0]              # the default group's string id (0 until its first collective)
         self._seqs: dict = {}            # string id of a group -> collectives so far
@@ -140,21 +141,33 @@ class Journal:
                           cpp_count, cpp_at)
 
     def string(self, text: str) -> int:
-        """The id of ``text`` in the file (written once; 0 when the table is full)."""
+        """The id of ``text`` in the file (written once). A full table starts over (every
+        session cell is a file name of its own), keeping the groups' names and ids."""
         known = self._strings.get(text)
         if known is not None:
             return known
+        if self._strings_used + _STRING.size + min(len(text.encode("utf-8", "replace")), 512) > STRINGS:
+            self._start_strings_over()
+        ident, self._next_id = self._next_id, self._next_id % 65535 + 1
+        self._write_string(text, ident)
+        return ident
+
+    def _write_string(self, text: str, ident: int) -> None:
         data = text.encode("utf-8", "replace")[:512]
         at = STRINGS_AT + self._strings_used
-        if self._strings_used + _STRING.size + len(data) > STRINGS:
-            return 0
-        ident = len(self._strings) + 1
         _STRING.pack_into(self.map, at, ident, len(data))
         self.map[at + _STRING.size:at + _STRING.size + len(data)] = data
         self._strings_used += _STRING.size + len(data)
         self._header()
         self._strings[text] = ident
-        return ident
+
+    def _start_strings_over(self) -> None:
+        groups = set(self._groups.values()) | {self.defaults[0]}
+        kept = [(text, ident) for text, ident in self._strings.items() if ident in groups]
+        self._strings, self._strings_used = {}, 0
+        self._statics.clear()   # their bytes hold file ids no longer in the table
+        for text, ident in kept:
+            self._write_string(text, ident)
 
     def group_id(self, group) -> int:
         """A group's string id: "<generation>|default", or "<generation>|<torch's name>:<global

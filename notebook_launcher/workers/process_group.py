@@ -35,7 +35,8 @@ ALL_ARRIVED_KEY = "notebook_launcher/all_arrived"
 
 
 REBUILT_PREFIX = "notebook_launcher/rebuilt"   # store prefix of the groups a session rebuilds (one per `Regroup`)
-REGROUP_TIMEOUT = datetime.timedelta(seconds=60)
+MEET_TIMEOUT = datetime.timedelta(seconds=60)   # how long a rebuild's ranks wait for each other at the store
+_timeout: list = [None]   # the timeout the default group was made with (None: torch's default), kept by a rebuild
 
 
 def init_default_group(dist, backend: str, rank: int, world_size: int, device: str) -> None:
@@ -80,15 +81,21 @@ def _cut_connections() -> int:
     cut = 0
     for inode, fd in ours.items():
         port, state = tcp[inode]
-        if state != _LISTEN and port in listening:
+        if state == _LISTEN or port not in listening:
+            continue
+        try:   # gloo's teardown (the abort started it) may have closed or reused the fd since the listing
+            if os.fstat(fd).st_ino != inode:
+                continue
             sock = socket.socket(fileno=fd)
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                cut += 1
-            except OSError:
-                pass
-            finally:
-                sock.detach()
+        except OSError:
+            continue
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+            cut += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()
     return cut
 
 
@@ -144,8 +151,10 @@ class Regroup:
         old = _aborted[-1] if _aborted else None
         ctx = context.current()
         original = getattr(dist.init_process_group, "_notebook_launcher_original", dist.init_process_group)
-        original(ctx.backend, store=dist.PrefixStore(f"{REBUILT_PREFIX}/{self.number}", _store_client(REGROUP_TIMEOUT)),
-                 rank=ctx.rank, world_size=ctx.world_size, timeout=REGROUP_TIMEOUT)
+        # The group's own timeout is the old group's (every later collective has it), not MEET_TIMEOUT.
+        kept = {"timeout": _timeout[0]} if _timeout[0] is not None else {}
+        original(ctx.backend, store=dist.PrefixStore(f"{REBUILT_PREFIX}/{self.number}", _store_client(MEET_TIMEOUT)),
+                 rank=ctx.rank, world_size=ctx.world_size, **kept)
         if journal.current() is not None:
             journal.current().regrouped()
         moved = move_ddp_wrappers([namespace, vars(sys.modules["__main__"])], old, dist.group.WORLD)
@@ -180,6 +189,7 @@ def _tolerant(dist, original, ours: dict):
                 return None
             # Anything more (a timeout, pg_options, another backend) gets a new group.
             dist.destroy_process_group()
+            _timeout[0] = kwargs.get("timeout")
             if not args and kwargs.get("store") is None and kwargs.get("init_method") in (None, "env://"):
                 kwargs = _fresh_rendezvous(dist, kwargs, ours, next(regroups))
         return original(backend, *args, **kwargs)

@@ -1,0 +1,44 @@
+"""The collective journal (workers/journal.py) in one process, without a process group: what
+a rank writes is what the notebook decodes, over a long session's worth of cells."""
+
+from __future__ import annotations
+
+import torch
+
+from notebook_launcher.workers import journal
+
+
+def journaled_all_reduce(j: journal.Journal):
+    def all_reduce(tensor, op=None, group=None, async_op=False):   # stands in for torch's: only the wrapper is under test
+        return None
+    return journal._wrap(j, "all_reduce", all_reduce, journal.OPS["all_reduce"])
+
+
+def run_cell(function, number: int, tensor) -> None:
+    """One session cell calling ``function`` from its own file name, as %%dist cells do."""
+    exec(compile("all_reduce(t)", f"<dist-cell-{number}>", "exec"), {"all_reduce": function, "t": tensor})
+
+
+def test_lines_and_groups_are_named_after_a_thousand_cells_and_a_regroup(tmp_path):
+    """Every cell is a new file name: the 8 KB string table fills after a few hundred cells
+    and must start over, keeping the group names (the roll-call finds a group's members by
+    its name; with none, it names nobody)."""
+    path = str(tmp_path / "rank0.journal")
+    j = journal.Journal(path)
+    all_reduce = journaled_all_reduce(j)
+    t = torch.ones(2, 3)
+    for number in range(1, 1001):
+        run_cell(all_reduce, number, t)
+    j.regrouped()
+    for number in range(1001, 1006):
+        run_cell(all_reduce, number, t)
+    j.map.flush()
+    with open(path, "rb") as f:
+        snap = journal.decode(f.read())
+    last = snap.entries[-1]
+    assert (last.op, last.seq, last.group, last.generation) == ("all_reduce", 5, "default", 1)
+    assert (last.file, last.line, last.shape) == ("<dist-cell-1005>", 1, (2, 3))
+    before = [e for e in snap.entries if e.generation == 0]
+    assert [e.seq for e in before][-1] == 1000 and all(e.group == "default" for e in before)
+    assert before[-1].file == "<dist-cell-1000>"
+    j.close()
