@@ -316,7 +316,12 @@ class Session:
     def _end_push(self, key: int, bind: bool) -> None:
         """The push's second step: bind (or drop) on every rank the values they hold. A
         broken or closed session has no ranks left holding them."""
-        if self.status != SessionStatus.IDLE or self._lock.locked():  # broken, closed, or another call's turn
+        if self.status != SessionStatus.IDLE:   # broken or closed: no rank holds them any more
+            return
+        if self._lock.locked():   # another thread's call came between the two steps
+            if bind:
+                raise RuntimeError("another call started between the push's two steps: the values were not "
+                                   "bound; push them again")
             return
         with interrupts_deferred():
             self._call(tasks.Bind(key, bind), values_from=[], timeout=BIND_TIMEOUT)
@@ -355,10 +360,10 @@ class Session:
         self.status = SessionStatus.RUNNING
         try:
             outcome = run_call(call, owner)
-        finally:
-            if self.status == SessionStatus.RUNNING:
-                self.status = SessionStatus.IDLE
-            rebuilt = self._rebuild(owner.aborted) if owner.aborted else None   # after an Interrupt too
+        except BaseException:   # an Interrupt: ranks it released from a collective need a fresh group too
+            self._call_ended(owner, print_rebuilt=True)
+            raise
+        rebuilt = self._call_ended(owner)
         if outcome.root is not None:
             error = outcome.error()
             if rebuilt:
@@ -368,6 +373,16 @@ class Session:
                                    "and the next call starts fresh ones.")
             raise error
         return outcome.results
+
+    def _call_ended(self, owner: "_SessionCall", print_rebuilt: bool = False) -> Optional[str]:
+        """Back to idle (unless broken); a fresh group where the call aborted the old one.
+        Returns the line that says so (printed, when no error of the call will carry it)."""
+        if self.status == SessionStatus.RUNNING:
+            self.status = SessionStatus.IDLE
+        rebuilt = self._rebuild(owner.aborted) if owner.aborted else None
+        if rebuilt and print_rebuilt:
+            print(f"notebook_launcher: {rebuilt}", file=sys.stderr)
+        return rebuilt
 
     def _abort_group(self) -> None:
         """Every live rank aborts its process group now (the thread that reads its control
@@ -417,12 +432,12 @@ class Session:
         here = self._ranks.single_host and shared_memory.enabled()
         raws = [buffer.raw() for buffer in buffers]
         outgoing = None
-        if here and sum(raw.nbytes for raw in raws) >= shared_memory.MIN_SHARED_BYTES:
-            outgoing = shared_memory.Outgoing(raws)   # an Interrupt while writing: closed, nothing sent
-        extra = dict(buffers=None if outgoing or not buffers else buffers, shared=outgoing and outgoing.ref,
-                     inbox=shared_memory.inbox_address() if here else None, by_value=by_value)
-        sources = _new_cells(self._sent_sources)
         try:
+            if here and sum(raw.nbytes for raw in raws) >= shared_memory.MIN_SHARED_BYTES:
+                outgoing = shared_memory.Outgoing(raws)   # an Interrupt while writing: closed, nothing sent
+            extra = dict(buffers=None if outgoing or not buffers else buffers, shared=outgoing and outgoing.ref,
+                         inbox=shared_memory.inbox_address() if here else None, by_value=by_value)
+            sources = _new_cells(self._sent_sources)
             with interrupts_deferred():
                 for send_value in (True, False):
                     ranks = [r for r in targets if (r in values_from) == send_value]

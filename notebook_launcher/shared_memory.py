@@ -141,8 +141,12 @@ class Outgoing:
 
     def __init__(self, buffers: list) -> None:
         self.fd, layout = write_memfd(buffers)
-        _children_close(self.fd)
-        self.ref = SharedRef(os.getpid(), self.fd, layout)
+        try:
+            _children_close(self.fd)
+            self.ref = SharedRef(os.getpid(), self.fd, layout)
+        except BaseException:   # an Interrupt here: nobody else holds the file, which may be the whole value
+            self.close()
+            raise
 
     def close(self) -> None:
         fd, self.fd = self.fd, None

@@ -194,6 +194,7 @@ def test_an_interrupt_while_a_rank_waits_in_a_collective_keeps_the_session(kerne
         assert not problems, f"{problems}: {result.text}"
         assert result.ename == "KeyboardInterrupt"
         assert ended - pressed[0] < 2.0
+        assert "notebook_launcher: The process group was rebuilt (interrupted;" in result.stderr, result.stderr
         assert ok(kernel, "%dist status").stdout.startswith("idle")
         after = ok(kernel, "%%dist\nt = torch.ones(1) * kept\ndist.all_reduce(t)\n(kept, t.item())")
         assert "Out[rank 0]: (7, 15.0)" in after.stdout and "Out[rank 1]: (8, 15.0)" in after.stdout
