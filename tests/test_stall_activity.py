@@ -22,7 +22,7 @@ from notebook_launcher import WorkerError, notebook_launcher
 # second (workers/heartbeat.py: after each second of samples), later on a loaded machine:
 # at 1.5 s, two busy ranks on 2 loaded cores were reported now and then.
 STALL = 3.0
-BUSY = 3 * STALL + 1.0     # how long the busy ranks keep busy: three whole stall windows
+BUSY = 2 * STALL + 1.0     # how long the busy ranks keep busy: two whole stall windows and more
 
 def launch(function, *args):
     """Two CPU ranks, a short stall_timeout, and a stall raises; every rank's value."""
@@ -113,7 +113,7 @@ def test_ranks_blocked_in_sleep_are_reported_stalled():
 
 
 def test_a_rank_that_finished_its_function_is_not_stalled_while_another_still_works():
-    """Rank 0 waits in the closing barrier, quiet, for 10 s: it is not the stuck one."""
+    """Rank 0 waits in the closing barrier, quiet, for 7 s (two stall windows): it is not the stuck one."""
     launch(rank_1_prints_on, BUSY)
 
 
