@@ -10,6 +10,8 @@ Worker -> parent (the events pipe):
 - `RankReady`: set up, process group formed; waiting for tasks.
 - `Report`, `ProgressUpdate`: `report()` and `progress()` from the running task.
 - `Heartbeat`: the worker's main thread moved since the last beat.
+- `DeviceStats`: what torch allocated on the rank's GPU (and its peak) and the fp16 loss scale,
+  when they change (`workers/device_stats.py`, looked at once a second); never a sign of life.
 - `TaskDone`: the task returned (its value pickled, or a `serialization.Parcel` when it has
   tensor or array data; None for ranks that send none).
 - `TaskFailed`: the task raised; built into a `errors.Failure` in one place
@@ -25,7 +27,8 @@ Two ways for a worker to send, for two kinds of messages:
 - `WorkerChannel.send` writes a frame now, blocking until the parent has it: for
   messages that must arrive (ready, done, failed).
 - `WorkerChannel.post` never blocks the training loop: it appends to a bounded queue
-  that a background thread flushes every `FLUSH_INTERVAL` seconds as one `Batch` frame.
+  that a background thread (started with the channel) flushes every `FLUSH_INTERVAL`
+  seconds as one `Batch` frame.
   When the parent falls behind, the oldest queued messages are dropped.
 """
 

@@ -187,6 +187,12 @@ def test_04_kaggle_colab_multi_gpu(tmp_path):
     assert re.search(r"running in:\s+jupyter", report)
     assert re.search(r"CUDA initialized here:\s+no", report)
     assert re.search(r"widgets dashboard:\s+yes", report)
+    choice = text(cell(nb, "dashboard-choice"))
+    markers = ("VSCODE_PID", "JPY_SESSION_NAME", "COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE")
+    if not any(marker in os.environ for marker in markers):   # nbclient: a kernel no known front end started
+        assert "front end: kernel -> display='auto' shows html" in choice, choice
+    assert "CUDA driver initialized here: False" in choice
+    assert re.search(r"^/dev/shm: \d+\.\d GiB$", choice, re.MULTILINE), choice
 
     check = text(cell(nb, "cli-test"))
     assert "rank 0 (cpu, gloo): ok" in check and "rank 1 (cpu, gloo): ok" in check
