@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import abc
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -246,6 +247,27 @@ class RankGroup(abc.ABC):
 
     def describe_lost(self, rank: int) -> str:
         return self.lost.get(rank, "")
+
+
+def tear_down(steps: list) -> None:
+    """Run teardown ``steps`` (callables) as independent steps, Interrupts held until every
+    one ran: a step that fails is said on stderr in one line and never stops the others,
+    nor hides the run's own outcome.
+
+    Example::
+
+        tear_down([lambda: store.close(), stacks.close])
+    """
+    from ..interrupts import interrupts_deferred
+
+    with interrupts_deferred():
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                text = str(exc).strip().splitlines()
+                print(f"notebook_launcher: teardown step failed: {type(exc).__name__}"
+                      f"{': ' + text[0] if text else ''}", file=sys.stderr)
 
 
 def frame_of(message: Any, task_id: int = 0) -> bytes:

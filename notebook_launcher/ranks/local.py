@@ -28,11 +28,10 @@ import time
 from typing import Callable, Optional
 
 from .. import rendezvous
-from ..interrupts import interrupts_deferred
 from ..workers.processes import (keep_from_children, release, resource_tracker_running, signal_workers,
                                  start_workers, stop_resource_tracker, stop_workers)
 from ..workers.stacks import StackDumps
-from .base import STREAMS, Chunk, Exit, Lines, RankGroup
+from .base import STREAMS, Chunk, Exit, Lines, RankGroup, tear_down
 from .plan import NodePlan, make_spec
 
 EXIT_GRACE = 10.0      # ranks ending by themselves (returned, or told to shut down): how long they may take (NCCL)
@@ -224,12 +223,7 @@ class LocalRanks(RankGroup):
             lambda: self._tracker_was_running or stop_resource_tracker(),
             self.stacks.close,
         ]
-        with interrupts_deferred():
-            for step in steps:
-                try:
-                    step()
-                except Exception as exc:  # report, but never hide the run's own outcome
-                    print(f"notebook_launcher: teardown step failed: {exc!r}", file=sys.stderr)
+        tear_down(steps)
 
     def _wait_for_exits(self, timeout: float) -> None:
         """Let ranks that are ending by themselves exit, reading their pipes meanwhile: a rank

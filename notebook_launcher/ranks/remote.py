@@ -26,10 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..interrupts import interrupts_deferred
 from ..workers.stacks import with_source_lines
 from .agent import AgentBatch, NodeInfo
-from .base import Exit, Lines, RankGroup
+from .base import Exit, Lines, RankGroup, tear_down
 
 LOST_AFTER = 5.0       # seconds without a batch from an agent: its node is lost
 EXIT_GRACE = 10.0      # ranks ending by themselves (returned, or told to shut down): how long they may take
@@ -169,13 +168,8 @@ class RemoteRanks(RankGroup):
         steps += [lambda node=node: node.lost or self._call(node, "close", False, term_grace,
                                                             timeout=term_grace + 10) for node in self.nodes]
         steps += [self._release]
-        with interrupts_deferred():
-            for step in steps:
-                try:
-                    step()
-                except Exception as exc:  # report, but never hide the run's own outcome
-                    print(f"notebook_launcher: teardown step failed: {_one_line(exc)}", file=sys.stderr)
-            self._closed = True
+        tear_down(steps)
+        self._closed = True
 
     def _wait_for_exits(self, timeout: float) -> None:
         """Ranks ending by themselves: their last lines are shown as they come."""

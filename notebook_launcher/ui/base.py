@@ -7,7 +7,7 @@ from __future__ import annotations
 import string
 import sys
 import time
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from ..state import RunState
 
@@ -59,6 +59,17 @@ class View:
 
     def finish(self, state: RunState) -> None:
         """The run ended (succeeded, failed, interrupted or stopped); replace live parts with a summary."""
+
+    def _guarded(self, method, *args) -> Any:
+        """``method(*args)``; an error in it marks the view broken (it stops updating) and
+        is said once, on stderr."""
+        try:
+            return method(*args)
+        except Exception as exc:  # a drawing bug must not stop the training run
+            self._broken = True
+            print(f"notebook_launcher: the dashboard stopped updating ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            return None
 
     @staticmethod
     def write(stream: str, text: str) -> None:

@@ -171,15 +171,6 @@ class HtmlView(View):
 
         return display(bundle, raw=True, display_id=True)
 
-    def _guarded(self, method, *args) -> Any:
-        try:
-            return method(*args)
-        except Exception as exc:  # a drawing bug must not stop the training run
-            self._broken = True
-            print(f"notebook_launcher: the dashboard stopped updating ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
-            return None
-
 
 # ----------------------------------------------------------------- frames (pure)
 def frame_html(state: RunState, title: str, prefix: Callable[[int], str], png: Optional[bytes],

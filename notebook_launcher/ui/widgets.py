@@ -345,15 +345,6 @@ class WidgetsView(View):
         _close(self._widgets)
         self._widgets = []
 
-    def _guarded(self, method, *args) -> Any:
-        try:
-            return method(*args)
-        except Exception as exc:  # a drawing bug must not stop the training run
-            self._broken = True
-            print(f"notebook_launcher: the dashboard stopped updating ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
-            return None
-
 
 def _close(widgets: list) -> None:
     """Close widgets with their layout and style models (each is a comm of its own)."""
