@@ -42,3 +42,26 @@ def test_lines_and_groups_are_named_after_a_thousand_cells_and_a_regroup(tmp_pat
     assert [e.seq for e in before][-1] == 1000 and all(e.group == "default" for e in before)
     assert before[-1].file == "<dist-cell-1000>"
     j.close()
+
+
+def test_the_cpp_sample_survives_the_names_written_after_it(tmp_path):
+    """The sampler thread writes the default group's C++ count into the header; the main
+    thread, writing a new name (a new cell's first collective), must not wipe it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        path = str(tmp_path / "rank0.journal")
+        j = journal.Journal(path)
+        for _ in range(3):
+            dist.all_reduce(torch.ones(1))        # unjournaled: counted by the group in C++ only
+        j.sample()
+        run_cell(journaled_all_reduce(j), 1, torch.ones(1))
+        j.map.flush()
+        with open(path, "rb") as f:
+            snap = journal.decode(f.read())
+        assert snap.cpp_count == 3 and snap.cpp_at > 0, snap
+        assert snap.entries[-1].file == "<dist-cell-1>"
+        j.close()
+    finally:
+        dist.destroy_process_group()

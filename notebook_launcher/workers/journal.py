@@ -52,6 +52,9 @@ SAMPLE_EVERY = 0.5              # seconds between samples of the default group's
 MAX_DIMS = 6                    # a tensor with more dims records its numel as one
 
 _HEADER = struct.Struct("<4sIIIQQQd")   # magic, version, pid, generation, (unused), strings used, C++ count, its time
+# Each writer writes only its own fields: the main thread the first six, the sampler thread the C++ sample.
+_OWN_HEADER = struct.Struct("<4sIIIQQ")
+_CPP_SAMPLE = struct.Struct("<Qd")
 _MOVING = struct.Struct("<QI")         # an entry's index and its number in its group: written at each call
 _STATIC = struct.Struct("<BBBBHHHIi")   # state, op, dtype, ndim, group, count, file, line, peer; dims follow:
 #                                         the same for every call of one line with one shape (kept, `Journal.static`)
@@ -136,9 +139,8 @@ class Journal:
         self._statics: dict = {}         # (file, line, group, shape, dtype, ...) -> an entry's static bytes
         self._header()
 
-    def _header(self, cpp_count: int = 0, cpp_at: float = 0.0) -> None:
-        _HEADER.pack_into(self.map, 0, MAGIC, 1, os.getpid(), self.generation, 0, self._strings_used,
-                          cpp_count, cpp_at)
+    def _header(self) -> None:
+        _OWN_HEADER.pack_into(self.map, 0, MAGIC, 1, os.getpid(), self.generation, 0, self._strings_used)
 
     def string(self, text: str) -> int:
         """The id of ``text`` in the file (written once). A full table starts over (every
@@ -220,7 +222,7 @@ class Journal:
 
         world = dist.distributed_c10d.GroupMember.WORLD
         if world is not None:
-            self._header(world._get_sequence_number_for_group(), time.monotonic())
+            _CPP_SAMPLE.pack_into(self.map, _OWN_HEADER.size, world._get_sequence_number_for_group(), time.monotonic())
 
     def close(self) -> None:
         try:
