@@ -65,3 +65,30 @@ def test_the_cpp_sample_survives_the_names_written_after_it(tmp_path):
         j.close()
     finally:
         dist.destroy_process_group()
+
+
+def test_subgroups_are_named_and_not_kept_alive_and_keywords_mean_the_default_group(tmp_path):
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        path = str(tmp_path / "rank0.journal")
+        j = journal.Journal(path)
+        all_reduce = journaled_all_reduce(j)
+        sub = dist.new_group([0])
+        exec(compile("all_reduce(t, op=None)\nall_reduce(t, group=sub)", "<dist-cell-1>", "exec"),
+             {"all_reduce": all_reduce, "t": torch.ones(1), "sub": sub})
+        j.map.flush()
+        with open(path, "rb") as f:
+            default, subgroup = journal.decode(f.read()).entries
+        assert (default.group, default.line) == ("default", 1)             # keywords without a group
+        assert subgroup.group.endswith(":0") and subgroup.line == 2, subgroup
+        dist.destroy_process_group(sub)
+        del sub
+        gc.collect()
+        assert len(j._groups) == 0          # the journal does not keep a destroyed group alive
+        j.close()
+    finally:
+        dist.destroy_process_group()

@@ -39,6 +39,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -132,7 +133,8 @@ class Journal:
         self._strings: dict = {}         # text -> id, of the strings in the table now
         self._strings_used = 0
         self._next_id = 1                # ids are never reused: an old entry's file reads "?", never another's
-        self._groups: dict = {}          # group object (None: the default one) -> string id
+        # subgroup -> string id; weak: a group the person destroys is not kept alive (its sockets, threads)
+        self._groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.defaults = [0]              # the default group's string id (0 until its first collective)
         self._seqs: dict = {}            # string id of a group -> collectives so far
         self._dtypes: dict = {}
@@ -185,7 +187,11 @@ class Journal:
                 ident = self.string(f"{self.generation}|{group.group_name}:{ranks}")
             except Exception:
                 ident = self.string(f"{self.generation}|?")
-        self._groups[group] = ident
+        if group is not None:
+            try:
+                self._groups[group] = ident
+            except TypeError:   # not weakly referable: looked up again at each call
+                pass
         return ident
 
     def static(self, key: tuple, op: int) -> bytes:
@@ -290,7 +296,7 @@ def _wrap(journal: Journal, name: str, function, spec):
         try:   # the hot path: about a microsecond and a half (benchmarks/journal_cost.py)
             if n > g_pos or kwargs:
                 group = args[g_pos] if n > g_pos else kwargs.get("group")
-                gid = groups.get(group) or journal.group_id(group)
+                gid = (groups.get(group) if group is not None else defaults[0]) or journal.group_id(group)
             else:   # the default group, as most calls use it
                 gid = defaults[0] or journal.group_id(None)
             counter = -gid if p2p else gid     # point-to-point calls are numbered apart: ranks differ in them
