@@ -223,12 +223,17 @@ class Journal:
         self._header()
 
     def sample(self) -> None:
-        """The default group's own count of collectives (C++ ones included), into the header."""
+        """The default group's own count of collectives (C++ ones included), into the header
+        (a thread of the journal's calls it every `SAMPLE_EVERY` seconds)."""
         import torch.distributed as dist
 
         world = dist.distributed_c10d.GroupMember.WORLD
-        if world is not None:
-            _CPP_SAMPLE.pack_into(self.map, _OWN_HEADER.size, world._get_sequence_number_for_group(), time.monotonic())
+        try:
+            if world is not None:
+                _CPP_SAMPLE.pack_into(self.map, _OWN_HEADER.size, world._get_sequence_number_for_group(),
+                                      time.monotonic())
+        except Exception:   # no group now (aborted, being rebuilt), or a backend without the count
+            pass
 
     def close(self) -> None:
         try:
@@ -272,10 +277,7 @@ def original(function):
 def _sampler(journal: Journal) -> None:
     while True:
         time.sleep(SAMPLE_EVERY)
-        try:
-            journal.sample()
-        except Exception:   # no group now (aborted, being rebuilt), or a backend without the count
-            pass
+        journal.sample()
 
 
 def _wrap(journal: Journal, name: str, function, spec):
