@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import channel as ch
+from ..reporting import progress, report   # here, not in the rank: a forked rank finds it imported
 from ..shared_memory import inherited_inbox
 from . import context, device_stats, heartbeat
 from .frames import user_traceback
+from .process_group import abort, init_default_group, wait_for_every_rank   # light: torch only when called
 from .stacks import register_dump_handler
 
 PR_SET_PDEATHSIG = 1
@@ -222,7 +224,6 @@ def _read_control(control_fd: int) -> "queue.SimpleQueue":
                 os.kill(os.getpid(), signal.SIGKILL)
             for envelope in decoder.feed(data):
                 if isinstance(envelope.message, ch.AbortGroup):  # the main thread may be blocked in a collective
-                    from .process_group import abort
                     try:
                         abort()
                     except BaseException as exc:   # this thread must live on: it reads Regroup, Shutdown and EOF
@@ -286,8 +287,6 @@ def _rank_namespace(spec: WorkerSpec) -> dict:
     these): who this rank is, torch and its distributed module, and our reporting."""
     import torch
     import torch.distributed as dist
-
-    from ..reporting import progress, report
 
     return {"__name__": "__main__", "__builtins__": __builtins__, "rank": spec.rank,
             "local_rank": spec.local_rank, "world_size": spec.world_size,
@@ -376,8 +375,6 @@ def _pin_cuda_device(torch, local_rank: int) -> None:
 
 def _init_process_group(spec: WorkerSpec) -> None:
     import torch.distributed as dist
-
-    from .process_group import init_default_group, wait_for_every_rank
 
     if spec.rdzv_timeout is not None:
         wait_for_every_rank(spec.world_size, spec.rdzv_timeout)
