@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+import types
 from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
@@ -556,10 +557,29 @@ def driver_init_origin() -> str:
 
         driver_init_origin()   # "cupy (imported here)"
     """
-    imported = [name for name in CUDA_DRIVER_LIBRARIES if name in sys.modules] or _modules_holding_the_driver()
+    imported = [name for name in CUDA_DRIVER_LIBRARIES if name in sys.modules and not _held_by_torch(name)] \
+        or _modules_holding_the_driver()
     if imported:
         return f"{', '.join(imported)} (imported here)"
     return "a library imported here, not torch (cupy, numba, JAX and Triton are known to)"
+
+
+def _held_by_torch(package: str) -> bool:
+    """torch's own modules hold ``package``: it came with torch and tells nothing (torch's CUDA
+    builds from 2.14 import cuda-python's bindings, ``cuda``, at ``import torch``)."""
+    prefix = package + "."
+    for name, module in list(sys.modules.items()):
+        if name != "torch" and not name.startswith("torch."):
+            continue
+        try:
+            values = list(vars(module).values())
+        except TypeError:
+            continue
+        # type(), not isinstance: some module globals warn when their __class__ is read
+        if any(issubclass(type(value), types.ModuleType) and (getattr(value, "__name__", "") + ".").startswith(prefix)
+               for value in values):
+            return True
+    return False
 
 
 def _modules_holding_the_driver() -> list:

@@ -215,3 +215,21 @@ def test_the_driver_probe_reads_this_process_and_loads_nothing():
     mapped_before = environment.loaded_library("libcuda.so")
     assert environment.cuda_driver_initialized() is False        # nothing initialized the driver in pytest
     assert environment.loaded_library("libcuda.so") == mapped_before   # the probe loaded no driver
+
+
+def test_a_library_that_torch_itself_imported_is_not_named_as_the_drivers_initializer(monkeypatch):
+    """torch 2.14's CUDA builds import cuda-python's bindings (``cuda``) at ``import torch``:
+    in every such kernel, so naming it tells nothing (CI's second pass runs the real case)."""
+    import sys
+    import types
+
+    bindings = types.ModuleType("cuda.bindings.driver")
+    holder = types.ModuleType("torch._held_for_the_test")
+    holder._driver = bindings
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.driver", bindings)
+    monkeypatch.setitem(sys.modules, "torch._held_for_the_test", holder)
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    assert environment.driver_init_origin() == "cupy (imported here)"
+    monkeypatch.delitem(sys.modules, "torch._held_for_the_test")
+    assert environment.driver_init_origin() == "cupy, cuda (imported here)"
