@@ -243,6 +243,30 @@ def _main_thread_state(pid: int) -> tuple:
     return fields[0], int(fields[11]) + int(fields[12])
 
 
+def press_when(kernel: Kernel, ready, pressed: list, problems: list) -> threading.Thread:
+    """A thread that presses Interrupt as soon as ``ready()`` returns, recording the
+    moment in ``pressed``. If ``ready`` fails, its error goes to ``problems`` and the
+    thread presses anyway, so the cell still ends.
+
+    Example::
+
+        presser = press_when(kernel, lambda: said.wait(30), pressed, problems)
+        result = kernel.run(cell)
+        presser.join(timeout=30)
+    """
+    def press():
+        try:
+            ready()
+        except BaseException as exc:
+            problems.append(exc)
+        pressed.append(time.monotonic())
+        kernel.interrupt()
+
+    presser = threading.Thread(target=press, name="presser", daemon=True)
+    presser.start()
+    return presser
+
+
 class ExitWatch:
     """When processes exit, seen from outside: a thread polls them every ``interval``
     seconds and records the first moment each one is gone (a zombie has exited).

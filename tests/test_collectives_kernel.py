@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from kernel_harness import ExitWatch, Kernel, pids_alive, wait_until_blocked
+from kernel_harness import ExitWatch, Kernel, pids_alive, press_when, wait_until_blocked
 
 STARTUP = textwrap.dedent("""
     import os, sys, time
@@ -174,19 +174,13 @@ def test_an_interrupt_while_a_rank_waits_in_a_collective_keeps_the_session(kerne
             "print('RANK0_IN_BARRIER', flush=True)\ndist.barrier()")
     said, pressed, problems = threading.Event(), [], []
 
-    def press_when_there():
-        try:
-            assert said.wait(timeout=30), "the ranks never said they were there"
-            for pid in pids:
-                wait_until_blocked(pid)      # rank 0 in gloo's barrier, rank 1 in time.sleep: both in C
-        except BaseException as exc:
-            problems.append(exc)
-        pressed.append(time.monotonic())
-        kernel.interrupt()
+    def there():
+        assert said.wait(timeout=30), "the ranks never said they were there"
+        for pid in pids:
+            wait_until_blocked(pid)      # rank 0 in gloo's barrier, rank 1 in time.sleep: both in C
 
     with ExitWatch(pids) as watch:
-        presser = threading.Thread(target=press_when_there, daemon=True)
-        presser.start()
+        presser = press_when(kernel, there, pressed, problems)
         result = kernel.run("%%dist\n" + body, timeout=60, on_output=lambda partial: all(
             m in partial.stdout for m in ("RANK0_IN_BARRIER", "RANK1_SLEEPING")) and said.set())
         ended = time.monotonic()

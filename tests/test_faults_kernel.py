@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from kernel_harness import ExitWatch, Kernel, wait_until_blocked
+from kernel_harness import ExitWatch, Kernel, press_when, wait_until_blocked
 
 STARTUP = textwrap.dedent("""
     import os, sys, time, signal
@@ -351,23 +351,6 @@ def wait_for_arrivals(port: int, count: int, timeout: float = 60) -> None:
             time.sleep(0.02)
     finally:
         del store
-
-
-def press_when(kernel: Kernel, ready, pressed: list, problems: list) -> threading.Thread:
-    """A thread that presses Interrupt as soon as ``ready()`` returns, recording the
-    moment in ``pressed``. If ``ready`` fails, its error goes to ``problems`` and the
-    thread presses anyway, so the cell still ends."""
-    def press():
-        try:
-            ready()
-        except BaseException as exc:
-            problems.append(exc)
-        pressed.append(time.monotonic())
-        kernel.interrupt()
-
-    presser = threading.Thread(target=press, name="presser", daemon=True)
-    presser.start()
-    return presser
 
 
 def test_interrupt_during_rendezvous(kernel):

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from kernel_harness import ExitWatch, Kernel, pids_alive, wait_pids_gone, wait_until_blocked
+from kernel_harness import ExitWatch, Kernel, pids_alive, press_when, wait_pids_gone, wait_until_blocked
 
 STARTUP = textwrap.dedent("""
     import os, sys, time
@@ -134,20 +134,14 @@ def test_interrupt_ends_the_cell_within_two_seconds(kernel, where):
     said = threading.Event()
     pressed, problems = [], []
 
-    def press_when_there():
-        try:
-            assert said.wait(timeout=30), "the ranks never said they were there"
-            if where != "in Python":
-                for pid in rank_pids.values():
-                    wait_until_blocked(pid)
-        except BaseException as exc:
-            problems.append(exc)
-        pressed.append(time.monotonic())
-        kernel.interrupt()
+    def there():
+        assert said.wait(timeout=30), "the ranks never said they were there"
+        if where != "in Python":
+            for pid in rank_pids.values():
+                wait_until_blocked(pid)
 
     with ExitWatch(pids) as watch:
-        presser = threading.Thread(target=press_when_there, daemon=True)
-        presser.start()
+        presser = press_when(kernel, there, pressed, problems)
         result = kernel.run("%%dist\n" + INTERRUPTED[where], timeout=60,
                             on_output=lambda partial: all(f"RANK{r}_THERE" in partial.stdout for r in (0, 1)) and said.set())
         ended = time.monotonic()
