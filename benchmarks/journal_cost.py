@@ -61,31 +61,12 @@ def per_call(calls: int) -> dict:
 
 
 def ddp_loop(steps: int, all_reduce_loss: bool) -> float:
-    """Steps per second of rank 0 in the DDP benchmark loop (small MLP, fixed data)."""
-    import torch
+    """Steps per second of rank 0 in the DDP benchmark loop (`workloads.ddp_step`)."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    torch.manual_seed(0)
-    model = DistributedDataParallel(torch.nn.Sequential(
-        torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(),
-        torch.nn.Linear(512, 10)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    generator = torch.Generator().manual_seed(dist.get_rank())
-    inputs, targets = torch.randn(8, 64, 256, generator=generator), torch.randint(0, 10, (8, 64), generator=generator)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    from benchmarks.workloads import ddp_step
 
-    def step(i):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inputs[i % 8]), targets[i % 8])
-        loss.backward()
-        optimizer.step()
-        if all_reduce_loss:
-            loss = loss.detach()
-            dist.all_reduce(loss)
-        return loss.item()
-
+    step = ddp_step(0, after_backward=(lambda loss: dist.all_reduce(loss.detach())) if all_reduce_loss else None)
     for i in range(5):
         step(i)
     dist.barrier()

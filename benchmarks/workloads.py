@@ -53,23 +53,17 @@ def failing(out_dir, init):
     return rank
 
 
-def train(out_dir, init, steps, use_report, seed=0):
-    """A small MLP under DDP on fixed random data; rank 0 returns (and writes) steps per second.
-
-    ``use_report``: call notebook_launcher's ``progress()`` and ``report()`` every step
-    (what a user of our dashboard writes). Every variant takes ``loss.item()`` each step,
-    so the work besides reporting is the same. Threads per rank are set explicitly, the
-    same for every launcher, so no launcher wins by oversubscribing the cores.
-    """
+def ddp_step(seed: int, after_backward=None):
+    """The DDP benchmark loop's one step, ready to call as ``step(i)`` (returns the loss as a
+    float): a small MLP under DDP on fixed random data of this rank, threads per rank set
+    the same for every launcher (no launcher wins by oversubscribing the cores), after the
+    process group exists. ``after_backward(loss)``: extra work each step (a collective)."""
     import os
-    import time
 
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    if init:
-        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(seed)
@@ -87,8 +81,30 @@ def train(out_dir, init, steps, use_report, seed=0):
         loss = loss_fn(model(inputs[i % 8]), targets[i % 8])
         loss.backward()
         optimizer.step()
+        if after_backward is not None:
+            after_backward(loss)
         return loss.item()
 
+    return step
+
+
+def train(out_dir, init, steps, use_report, seed=0):
+    """A small MLP under DDP on fixed random data; rank 0 returns (and writes) steps per second.
+
+    ``use_report``: call notebook_launcher's ``progress()`` and ``report()`` every step
+    (what a user of our dashboard writes). Every variant takes ``loss.item()`` each step,
+    so the work besides reporting is the same. Threads per rank are set explicitly, the
+    same for every launcher, so no launcher wins by oversubscribing the cores.
+    """
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    if init:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    step = ddp_step(seed)
     for i in range(5):  # warm-up: allocator, DDP buckets
         step(i)
     if use_report:
