@@ -75,6 +75,7 @@ class ProgressUpdate:
 @dataclass(frozen=True)
 class Heartbeat:
     t: float
+    waiting: bool = False            # its function returned: it waits in the launcher's final barrier
 
 
 @dataclass(frozen=True)

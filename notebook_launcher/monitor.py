@@ -54,8 +54,8 @@ from .workers.frames import waiting_in_the_launcher, whereabouts
 TICK = 0.1                  # seconds between view refreshes when nothing arrives
 FAILURE_WINDOW = 0.25       # after a "lost my peer" failure, how long to listen for the real one
 PRIMARY_WINDOW = 0.05       # after a real failure: collect ranks failing at the same moment
-HEARTBEAT_GRANULARITY = 1.0  # a working rank beats at least this often (`workers.heartbeat.INTERVAL`)
-PEER_GRACE = 2.5            # session, after a failure: a rank silent this long (heartbeats come every
+HEARTBEAT_GRANULARITY = 0.5  # a working rank beats at least this often (`workers.heartbeat.INTERVAL`)
+PEER_GRACE = 2.5            # session, after a failure: a rank silent this long (heartbeats come twice a
 #                             second while it computes) counts as stuck
 ABORT_GRACE = 1.0           # session: after the process group was aborted, how long released ranks may take to
 #                             end the task (gloo releases them within milliseconds)
@@ -310,6 +310,8 @@ class Supervisor:
             return  # a late message of a task that already ended (e.g. after an Interrupt)
         if not isinstance(message, ch.DeviceStats):   # memory figures come on change: no sign of work
             self._alive(rank, now, ready=isinstance(message, ch.RankReady))
+        if isinstance(message, ch.Heartbeat) and message.waiting and self.stall is not None:
+            self.stall.finished(rank)    # it waits for the others: never one of the stuck
         self.state.apply(Received(rank, message, now))
         if isinstance(message, ch.RankReady) and self.task_id == 0:
             self.verdict.done(rank, None)
@@ -487,6 +489,10 @@ class StallWatch:
         if ready or rank in self._last:
             self._last[rank] = now
             self._reported.discard(rank)
+
+    def finished(self, rank: int) -> None:
+        """The rank's function returned (it waits for its peers): no longer watched."""
+        self._last.pop(rank, None)
 
     def stuck(self, now: float, live: set) -> list:
         """Ranks quiet for the whole timeout; once one is, also those quiet for half of it

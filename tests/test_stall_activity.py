@@ -19,7 +19,7 @@ import torch.distributed as dist
 from notebook_launcher import WorkerError, notebook_launcher
 
 # Seconds: the stall_timeout of every launch here. A computing rank beats about once a
-# second (workers/heartbeat.py: after each second of samples), later on a loaded machine:
+# half second (workers/heartbeat.py: after each INTERVAL of samples), later on a loaded machine:
 # at 1.5 s, two busy ranks on 2 loaded cores were reported now and then.
 STALL = 3.0
 BUSY = 2 * STALL + 1.0     # how long the busy ranks keep busy: two whole stall windows and more

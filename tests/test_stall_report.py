@@ -2,7 +2,7 @@
 
 Two real ranks, one stuck in ``time.sleep`` inside the user's function while the other has
 finished the function and waits in the launcher's final barrier (it is not stuck: it
-beats, `heartbeat.waiting_for_peers`); and a session whose rank 1 sleeps in a cell while
+says so, `heartbeat.waiting_for_peers`); and a session whose rank 1 sleeps in a cell while
 rank 0 waits in a collective. The stall report must name the user's lines and never show
 our helper threads, our worker loop, or the task wrappers.
 """
@@ -16,6 +16,9 @@ import pytest
 import torch.distributed as dist
 
 from notebook_launcher import Session, WorkerError, notebook_launcher
+from notebook_launcher.channel import Heartbeat
+from notebook_launcher.monitor import StallWatch
+from notebook_launcher.workers import heartbeat
 
 OUR_FRAMES = re.compile(r'File "[^"]*notebook_launcher/(workers|channel|script_task)[^"]*"|in _run_task|in _serve'
                         r'|in _finish_together|multiprocess/')
@@ -60,3 +63,25 @@ def test_a_session_stall_names_the_cell_line_and_no_frame_of_ours():
     assert "tasks.py" not in text and "Execute" not in text
     for rank in (0, 1):
         assert len(blocks(text, rank)) == 1, blocks(text, rank)
+
+
+def test_a_rank_waiting_for_its_peers_says_so_at_once_and_is_no_longer_watched():
+    """The final barrier's wait is announced within a sample (not at a beat's timing, which
+    a loaded machine makes late), and the notebook's StallWatch stops watching that rank."""
+    posted = []
+    heartbeat.start(posted.append)
+    time.sleep(2 * heartbeat.INTERVAL)            # the thread's own start-up beats pass
+    with heartbeat.waiting_for_peers():
+        entered = time.monotonic()
+        deadline = entered + 5
+        while not any(beat.waiting for beat in posted) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    said = [beat for beat in posted if isinstance(beat, Heartbeat) and beat.waiting]
+    assert said and said[0].t - entered < heartbeat.INTERVAL / 2, (said, entered)
+
+    watch = StallWatch(timeout=2, on_stall="raise")
+    for rank in (0, 1):
+        watch.active(rank, 0.0, ready=True)
+    watch.finished(0)
+    watch.active(0, 0.5)                           # a later beat of the waiting rank: still not watched
+    assert watch.stuck(3.0, live={0, 1}) == [1]

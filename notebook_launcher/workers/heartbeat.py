@@ -1,11 +1,11 @@
-"""A rank's heartbeat: a `channel.Heartbeat` each second in which its main thread shows a
+"""A rank's heartbeat: a `channel.Heartbeat` every `INTERVAL` seconds in which its main thread shows a
 sign of work. Stall detection and a session's patience with a peer after a failure both
 rest on it, in the notebook, whatever carries the messages (a pipe, Ray, a socket).
 
 What counts as work, looked at from a thread of the rank's own (never from the notebook:
 the rank may be on another machine):
 
-- **the main thread's Python stack moved**: sampled `SAMPLES` times a second, a frame or
+- **the main thread's Python stack moved**: sampled `SAMPLES` times an interval, a frame or
   instruction that changed between two samples.
 - **it is computing**: the main thread used CPU time in the second, and either it held
   the GIL (this thread, waking from a short sleep, mostly had to wait for it: a tight
@@ -15,7 +15,9 @@ the rank may be on another machine):
   now and then between two of them).
 
 - **it finished its function and waits for the others** in the launcher's final barrier
-  (`waiting_for_peers`): it is not the one that is stuck.
+  (`waiting_for_peers`): it is not the one that is stuck. It says so at once
+  (``Heartbeat(waiting=True)``), so the notebook stops watching it rather than guess from
+  the timing of its beats.
 
 What does not: a thread blocked in ``time.sleep`` or in a collective its peer never joins
 (no CPU), or spinning in one C call with the GIL released for more than `RECENT`
@@ -30,8 +32,8 @@ import sys
 import threading
 import time
 
-INTERVAL = 1.0      # seconds between beats (at most)
-SAMPLES = 20        # looks at the main thread's stack per interval
+INTERVAL = 0.5      # seconds between beats (at most): a quiet rank's last beat is this late at most
+SAMPLES = 10        # looks at the main thread's stack per interval
 RECENT = 10.0       # seconds a stack movement keeps counting a busy CPU as work
 GIL_WAIT = 0.002    # a wake-up this much later than asked means the GIL was held by another thread
 
@@ -77,13 +79,17 @@ def _beat(post, main_ident: int, main_tid: int) -> None:
 
     # A rank that just started is moving (its first sample has nothing to compare with).
     last_stack, last_cpu, moved_at = None, _thread_cpu(main_tid), time.monotonic()
-    nap = INTERVAL / SAMPLES
+    nap, said_waiting = INTERVAL / SAMPLES, False
     while True:
         window_end, beaten, looks, gil_held = time.monotonic() + INTERVAL, False, 0, 0
         while time.monotonic() < window_end:
             asked = time.perf_counter()
             time.sleep(nap)
             looks += 1
+            waiting = _WAITING_FOR_PEERS.is_set()
+            if waiting and not said_waiting:
+                post(Heartbeat(time.monotonic(), waiting=True))
+            said_waiting = waiting
             if time.perf_counter() - asked - nap > GIL_WAIT:
                 gil_held += 1
             stack = stack_signature(sys._current_frames().get(main_ident))
@@ -97,8 +103,8 @@ def _beat(post, main_ident: int, main_tid: int) -> None:
         busy = cpu is not None and last_cpu is not None and cpu > last_cpu
         last_cpu = cpu
         computing = busy and (gil_held * 2 > looks or time.monotonic() - moved_at < RECENT)
-        if not beaten and (computing or _WAITING_FOR_PEERS.is_set()):
-            post(Heartbeat(time.monotonic()))
+        if not beaten and (computing or said_waiting):   # a waiting rank is still alive
+            post(Heartbeat(time.monotonic(), waiting=said_waiting))
 
 
 def stack_signature(frame) -> tuple:
