@@ -20,8 +20,9 @@ from notebook_launcher import WorkerError, notebook_launcher
 
 # Seconds: the stall_timeout of every launch here. A computing rank beats about once a
 # half second (workers/heartbeat.py: after each INTERVAL of samples), later on a loaded machine:
-# at 1.5 s, two busy ranks on 2 loaded cores were reported now and then.
-STALL = 3.0
+# at 1.5 s, with a beat a second (before 0.5 s), two busy ranks on 2 loaded cores were
+# reported now and then; 2 s is four beats.
+STALL = 2.0
 BUSY = 2 * STALL + 1.0     # how long the busy ranks keep busy: two whole stall windows and more
 
 def launch(function, *args):
