@@ -67,18 +67,20 @@ class LocalRanks(RankGroup):
 
     @classmethod
     def start(cls, plan: NodePlan, rdzv: rendezvous.Rendezvous, start_method: str, *, first_task=None,
-              last_words: Callable[[Lines], None] = _print_lines) -> "LocalRanks":
+              last_words: Callable[[Lines], None] = _print_lines, serve: bool = True) -> "LocalRanks":
         """Start the node's ranks from the calling thread (a rank's parent-death signal is
         tied to the thread that started it). On any error everything started is released.
 
-        ``first_task``: a one-shot launch's task object, handed to forked ranks as is."""
+        ``first_task``: a one-shot launch's task object, handed to forked ranks as is.
+        ``serve=False``: the caller starts the store's server (``rdzv.serve()``) itself."""
         group = cls(plan, rdzv, start_method, last_words)
         try:
             group._start_workers(first_task)
             if rdzv.listener is not None:
                 group._store_fd = rdzv.listener.fileno()
                 keep_from_children(group._store_fd)
-            rdzv.serve()  # only now: no store thread may be running while workers fork
+            if serve:
+                rdzv.serve()  # only now: no store thread may be running while workers fork
         except BaseException:
             group.close(graceful=False, term_grace=0.0)
             raise

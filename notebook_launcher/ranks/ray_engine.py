@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Optional
 from .agent import PULL_WAIT, NodeAgent
 from .base import Lines
 from .plan import plan_for
-from .remote import CALL_TIMEOUT, Node, RemoteRanks
+from .remote import CALL_TIMEOUT, Node, NodeGone, RemoteRanks, one_line
 
 PLACEMENT_TIMEOUT = 60.0   # seconds for the placement group to be placed
 START_TIMEOUT = 300.0      # seconds for the agents to start and to spawn their ranks
@@ -140,6 +141,7 @@ class RayRanks(RemoteRanks):
         self.actors = actors
         self.placement = placement
         self._pulls: dict = {}    # object ref -> (node, when it was sent): one outstanding pull per live agent
+        self._posted: dict = {}   # object ref -> (node, method): calls not waited for, until they are done
 
     @classmethod
     def start(cls, config, attempt: int, *, persistent: bool, first_request=None, last_words=None) -> "RayRanks":
@@ -181,27 +183,72 @@ class RayRanks(RemoteRanks):
 
         return ray.get(getattr(self.actors[node.index], method).remote(*args), timeout=timeout)
 
+    def _post_each(self, calls: list) -> None:
+        """Ray runs one caller's calls to an actor in order: what is called after these
+        (an interrupt, a stack dump, close) reaches the agent after them."""
+        for node, method, args in calls:
+            self._posted[getattr(self.actors[node.index], method).remote(*args)] = (node, method)
+
     def _receive(self, timeout: float) -> list:
+        """Wait for a first answer, take every answer there is then (one `ray.get`), and
+        note which agents are silent: those whose pull is still out."""
         import ray
 
         self._pull_every_live_agent()
         if not self._pulls:
             time.sleep(min(timeout, 0.05))
             return []
-        ready, _ = ray.wait(list(self._pulls), num_returns=1, timeout=timeout)
-        if ready:
-            ready, _ = ray.wait(list(self._pulls), num_returns=len(self._pulls), timeout=0)
-        out = []
-        for ref in ready:
+        refs = list(self._pulls)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready and len(refs) > 1:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        out = self._failed_posts()
+        for ref, answer in zip(ready, self._answers(ready)):
             node, _ = self._pulls.pop(ref)
-            try:
-                out.append((node, ray.get(ref, timeout=1.0)))
-            except ray.exceptions.GetTimeoutError:
+            if answer is None:   # ready, yet not fetched within a second: waited for again
                 self._pulls[ref] = (node, time.monotonic())
-            except Exception as exc:  # the actor died (its node, or Ray killed it)
-                out.append((node, exc))
-        self._note_silences()
+            else:
+                out.append((node, answer))
+        for node in self.nodes:
+            node.silent_since = None
+        for node, sent in self._pulls.values():
+            node.silent_since = sent
         return out
+
+    def _failed_posts(self) -> list:
+        """[(node, NodeGone)] for each posted call that failed; those done are forgotten."""
+        import ray
+
+        if not self._posted:
+            return []
+        done, _ = ray.wait(list(self._posted), num_returns=len(self._posted), timeout=0)
+        failed = []
+        for ref, answer in zip(done, self._answers(done)):
+            node, method = self._posted.pop(ref)
+            if isinstance(answer, BaseException):
+                failed.append((node, NodeGone(f"its agent failed to {method} ({one_line(answer)})")))
+        return failed
+
+    def _answers(self, refs: list) -> list:
+        """Each pull's batch, the exception that ended its agent (the actor died: its
+        node, or Ray killed it), or None if it could not be fetched yet."""
+        import ray
+
+        if not refs:
+            return []
+        try:
+            return ray.get(refs, timeout=1.0)
+        except Exception:
+            pass
+        answers = []
+        for ref in refs:
+            try:
+                answers.append(ray.get(ref, timeout=1.0))
+            except ray.exceptions.GetTimeoutError:
+                answers.append(None)
+            except Exception as exc:
+                answers.append(exc)
+        return answers
 
     def _pull_every_live_agent(self) -> None:
         live = {node.index for node in self.nodes if not node.lost}
@@ -212,35 +259,34 @@ class RayRanks(RemoteRanks):
                 ref = self.actors[node.index].pull.options(concurrency_group="uplink").remote(PULL_WAIT)
                 self._pulls[ref] = (node, time.monotonic())
 
-    def _note_silences(self) -> None:
-        """A pull that has an answer (fetched or not) is no silence; one without, since it was sent."""
-        import ray
-
-        answered, _ = ray.wait(list(self._pulls), num_returns=len(self._pulls), timeout=0, fetch_local=False)
-        answered = set(answered)
-        for ref, (node, sent) in self._pulls.items():
-            node.silent_since = None if ref in answered else sent
-
     def _release(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
         for actor in self.actors:
             _quietly(lambda: ray.kill(actor, no_restart=True))
-        self._pulls = {}
+        self._pulls, self._posted = {}, {}
         remove_placement_group(self.placement)
 
 
 def _agent_actor(ray, placement, index: int, bundle: dict, runtime_env: Optional[dict]):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    actor_class = ray.remote(concurrency_groups={"uplink": 1})(RayAgent)  # the rest: in order, one at a time
+    actor_class = _actor_class()
     options = dict(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=0,
                    resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None,
                    scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=index))
     if runtime_env:
         options["runtime_env"] = runtime_env
     return actor_class.options(**options).remote()
+
+
+@functools.lru_cache(maxsize=None)
+def _actor_class():
+    """Made once per kernel (Ray exports a class to the cluster each time one is made)."""
+    import ray
+
+    return ray.remote(concurrency_groups={"uplink": 1})(RayAgent)   # the rest: in order, one at a time
 
 
 def _placed(placement, num_nodes: int, bundle: dict) -> None:

@@ -1,9 +1,10 @@
 """The notebook's side of ranks run by node agents (`agent.NodeAgent`), whatever placed them.
 
 An engine (`ray_engine`, `slurm_engine`) provides the transport: how to call an agent's
-method (`_call`), how to take the agents' batches as they come (`_receive`), and how to
-release what it took (`_release`: actors and placement group, a Slurm job). This class
-does the rest, the same for every engine:
+method (`_call`, and `_post_each` for calls nobody waits for: a cell's task), how to take
+the agents' batches as they come (`_receive`), and how to release what it took
+(`_release`: actors and placement group, a Slurm job). This class does the rest, the
+same for every engine:
 
 - arrivals: each agent's `agent.AgentBatch` is unpacked into the raw `Chunk`s and
   `Exit`s of the `base.RankGroup` interface (decoded there, as for local ranks);
@@ -73,6 +74,14 @@ class RemoteRanks(RankGroup):
     def _call(self, node: Node, method: str, *args, timeout: float = CALL_TIMEOUT):
         """Call ``method(*args)`` on the node's agent and return its result."""
 
+    def _post_each(self, calls: list) -> None:
+        """Make [(node, method, args)] calls, in order per node, without waiting for them:
+        an engine that can returns at once (a cell's task then costs no round trip) and
+        reports a failed call from `_receive`, as a `NodeGone` of that node; by default,
+        they are made one after another and a failure raises here."""
+        for node, method, args in calls:
+            self._call(node, method, *args)
+
     @abc.abstractmethod
     def _receive(self, timeout: float) -> list:
         """[(node, AgentBatch or the exception that ended its agent)] within ``timeout``;
@@ -92,7 +101,7 @@ class RemoteRanks(RankGroup):
                 self.pids.update(batch.pids)
                 out.extend(batch.items)
             elif not node.lost:
-                why = str(batch) if isinstance(batch, NodeGone) else f"its agent died ({_one_line(batch)})"
+                why = str(batch) if isinstance(batch, NodeGone) else f"its agent died ({one_line(batch)})"
                 out.extend(self._lose(node, why))
         now = time.monotonic()
         for node in self.nodes:
@@ -107,8 +116,7 @@ class RemoteRanks(RankGroup):
 
     # ------------------------------------------------------------- control
     def send(self, ranks: list, frame: bytes) -> None:
-        for node, mine in self._by_node(ranks):
-            self._call(node, "send", mine, frame)
+        self._post_each([(node, "send", (mine, frame)) for node, mine in self._by_node(ranks)])
 
     def interrupt(self, ranks: list) -> None:
         for node, mine in self._by_node(ranks):
@@ -121,7 +129,7 @@ class RemoteRanks(RankGroup):
         try:
             return with_source_lines(self._call(node, "dump_stacks", rank, timeout, timeout=timeout + 5))
         except Exception as exc:
-            return f"(no stack: {_one_line(exc)})"
+            return f"(no stack: {one_line(exc)})"
 
     def journal(self, rank: int) -> bytes:
         """From the rank's agent (an engine whose agent has no ``journal``: b"")."""
@@ -158,7 +166,7 @@ class RemoteRanks(RankGroup):
         try:
             self._call(node, method, *args, timeout=5.0)
         except Exception as exc:  # a node on its way out: its ranks go with it
-            print(f"notebook_launcher: {node.label()}: {method} failed: {_one_line(exc)}", file=sys.stderr)
+            print(f"notebook_launcher: {node.label()}: {method} failed: {one_line(exc)}", file=sys.stderr)
 
     # ------------------------------------------------------------- the end
     def close(self, graceful: bool, term_grace: float) -> None:
@@ -180,6 +188,6 @@ class RemoteRanks(RankGroup):
                     self.last_words(arrival)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
