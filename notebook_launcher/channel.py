@@ -9,7 +9,8 @@ socket when ranks live on other machines.
 Worker -> parent (the events pipe):
 - `RankReady`: set up, process group formed; waiting for tasks.
 - `Report`, `ProgressUpdate`: `report()` and `progress()` from the running task.
-- `Heartbeat`: the worker's main thread moved since the last beat.
+- `Heartbeat`: the worker's main thread moved since the last beat; ``waiting=True``: its
+  function returned and it waits for its peers in the launcher's final barrier.
 - `DeviceStats`: what torch allocated on the rank's GPU (and its peak) and the fp16 loss scale,
   when they change (`workers/device_stats.py`, looked at once a second); never a sign of life.
 - `TaskDone`: the task returned (its value pickled, or a `serialization.Parcel` when it has

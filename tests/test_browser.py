@@ -139,9 +139,9 @@ def train(steps):
             print("at step", step, flush=True)
         time.sleep(0.02)
     return steps""",
-    'print("RESULT", notebook_launcher(train, args=(300,), num_processes=2, display="html"))',
-    'run = notebook_launcher(train, args=(300,), num_processes=2, display="html", block=False)',
-    'time.sleep(4); print("meanwhile", run.status)',
+    'print("RESULT", notebook_launcher(train, args=(200,), num_processes=2, display="html"))',
+    'run = notebook_launcher(train, args=(200,), num_processes=2, display="html", block=False)',
+    'time.sleep(2); print("meanwhile", run.status)',
     'print("BACKGROUND", run.result(120))',
 ]
 
@@ -180,21 +180,21 @@ def test_html_dashboard_renders_updates_live_and_ends_as_the_summary(playwright,
         for cell in ("1", "2"):
             steps = seen["steps"].get(cell, [])
             assert len(seen["frames"].get(cell, [])) >= 3 and len(steps) >= 3, (cell, seen)
-            assert steps == sorted(steps) and steps[0] < steps[-1] <= 300, (cell, steps)
+            assert steps == sorted(steps) and steps[0] < steps[-1] <= 200, (cell, steps)
         assert seen["liveImages"] >= 2, seen["liveImages"]
 
         # the end: the static summary, with its plot, and no live frame left
         for cell in (blocking, background):
             output = cell.locator(".jp-OutputArea")
             text = output.inner_text()
-            assert "✔ succeeded" in text and "300/300" in text and "2 CPU processes (gloo, fork)" in text, text
+            assert "✔ succeeded" in text and "200/200" in text and "2 CPU processes (gloo, fork)" in text, text
             assert output.locator(".notebook-launcher-dashboard").count() == 0
             plots = output.locator("img")
             assert plots.count() >= 1 and plots.first.evaluate("img => img.complete && img.naturalWidth > 200")
-        assert "RESULT 300" in blocking.inner_text() and "at step 250" in blocking.inner_text()
+        assert "RESULT 200" in blocking.inner_text() and "at step 150" in blocking.inner_text()
         meanwhile = code_cell(page, "meanwhile").locator(".jp-OutputArea").inner_text()
         assert "meanwhile running" in meanwhile and "succeeded" not in meanwhile   # nothing leaked into it
-        assert "BACKGROUND 300" in code_cell(page, "BACKGROUND").inner_text()
+        assert "BACKGROUND 200" in code_cell(page, "BACKGROUND").inner_text()
         assert page.locator(".jupyter-widgets, .widget-hprogress").count() == 0
         assert "Error displaying widget" not in page.inner_text("body")
         print(f"\nframes seen: blocking {len(seen['frames']['1'])}, background {len(seen['frames']['2'])}; "

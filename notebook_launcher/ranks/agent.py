@@ -147,7 +147,13 @@ class NodeAgent:
 
     # ------------------------------------------------------------- control
     def send(self, ranks: list, frame: bytes) -> None:
-        self.group.send(ranks, frame)
+        """To each rank; one whose process ended is skipped (its exit reaches the notebook
+        through the pump, with its last lines)."""
+        for rank in ranks:
+            try:
+                self.group.send([rank], frame)
+            except BrokenPipeError:
+                pass
 
     def interrupt(self, ranks: list) -> None:
         self.group.interrupt(ranks)

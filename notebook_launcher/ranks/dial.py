@@ -72,10 +72,15 @@ def _run_agent(sock: socket.socket) -> int:
 
     def push() -> None:
         while not stop.is_set():
-            batch = agent.pull(PULL_WAIT)
             try:
-                send(sock, lock, ("batch", batch))
+                frame = ("batch", agent.pull(PULL_WAIT))
+            except Exception as exc:   # the node cannot go on (e.g. the store could not start)
+                frame = ("failed", f"{type(exc).__name__}: {exc}")
+            try:
+                send(sock, lock, frame)
             except OSError:
+                return
+            if frame[0] == "failed":
                 return
 
     threading.Thread(target=push, name="notebook_launcher-agent-uplink", daemon=True).start()

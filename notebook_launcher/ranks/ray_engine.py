@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -191,7 +192,8 @@ class RayRanks(RemoteRanks):
 
     def _receive(self, timeout: float) -> list:
         """Wait for a first answer, take every answer there is then (one `ray.get`), and
-        note which agents are silent: those whose pull is still out."""
+        note which agents are silent: those whose pull has no answer yet. An answer still
+        on its way from the agent's node (a big batch) counts as one: ``fetch_local=False``."""
         import ray
 
         self._pull_every_live_agent()
@@ -199,35 +201,35 @@ class RayRanks(RemoteRanks):
             time.sleep(min(timeout, 0.05))
             return []
         refs = list(self._pulls)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=False)
         if ready and len(refs) > 1:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        out = self._failed_posts()
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        out = []
         for ref, answer in zip(ready, self._answers(ready)):
             node, _ = self._pulls.pop(ref)
-            if answer is None:   # ready, yet not fetched within a second: waited for again
+            if answer is None:   # answered, still on its way (over a second): waited for again
                 self._pulls[ref] = (node, time.monotonic())
             else:
-                out.append((node, answer))
+                out.append((node, _gone_if_it_raised(answer)))
         for node in self.nodes:
             node.silent_since = None
         for node, sent in self._pulls.values():
             node.silent_since = sent
+        self._check_posts()
         return out
 
-    def _failed_posts(self) -> list:
-        """[(node, NodeGone)] for each posted call that failed; those done are forgotten."""
+    def _check_posts(self) -> None:
+        """Forget the posted calls that are done; say the failure of one that raised (an
+        agent that died is said by its pull)."""
         import ray
 
         if not self._posted:
-            return []
+            return
         done, _ = ray.wait(list(self._posted), num_returns=len(self._posted), timeout=0)
-        failed = []
         for ref, answer in zip(done, self._answers(done)):
             node, method = self._posted.pop(ref)
-            if isinstance(answer, BaseException):
-                failed.append((node, NodeGone(f"its agent failed to {method} ({one_line(answer)})")))
-        return failed
+            if isinstance(answer, ray.exceptions.RayTaskError):
+                print(f"notebook_launcher: {node.label()}: {method} failed: {_cause(answer)}", file=sys.stderr)
 
     def _answers(self, refs: list) -> list:
         """Each pull's batch, the exception that ended its agent (the actor died: its
@@ -283,10 +285,29 @@ def _agent_actor(ray, placement, index: int, bundle: dict, runtime_env: Optional
 
 @functools.lru_cache(maxsize=None)
 def _actor_class():
-    """Made once per kernel (Ray exports a class to the cluster each time one is made)."""
+    """Made once per kernel (Ray exports a class to the cluster each time one is made).
+    Its default group must stay one thread, never async: then Ray runs one caller's calls
+    in the order they were made, which `_post_each` relies on."""
     import ray
 
     return ray.remote(concurrency_groups={"uplink": 1})(RayAgent)   # the rest: in order, one at a time
+
+
+def _cause(exc: BaseException) -> str:
+    """What an agent's method raised, in one line, without Ray's wrapping (its first line
+    is Ray's own, e.g. "ray::RayAgent.pull() (pid=...)")."""
+    cause = getattr(exc, "cause", None)
+    return one_line(cause if isinstance(cause, BaseException) else exc)
+
+
+def _gone_if_it_raised(answer):
+    """A pull that raised (the agent is alive, its node cannot go on: e.g. the store could
+    not start) ends the node with the agent's own words; an agent that died stays as is."""
+    import ray
+
+    if isinstance(answer, ray.exceptions.RayTaskError):
+        return NodeGone(f"its agent failed: {_cause(answer)}")
+    return answer
 
 
 def _placed(placement, num_nodes: int, bundle: dict) -> None:

@@ -7,7 +7,7 @@ the rank may be on another machine):
 
 - **the main thread's Python stack moved**: sampled `SAMPLES` times an interval, a frame or
   instruction that changed between two samples.
-- **it is computing**: the main thread used CPU time in the second, and either it held
+- **it is computing**: the main thread used CPU time in the interval, and either it held
   the GIL (this thread, waking from a short sleep, mostly had to wait for it: a tight
   pure Python loop, which sits on one instruction at every sample) or its stack moved
   within the last `RECENT` seconds (a loop around one long C call, ``a @ a`` or
