@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Optional
 from .agent import PULL_WAIT, NodeAgent
 from .base import Lines
 from .plan import plan_for
-from .remote import CALL_TIMEOUT, Node, NodeGone, RemoteRanks, one_line
+from .remote import CALL_TIMEOUT, Node, NodeGone, RemoteRanks, one_line, say_failed
 
 PLACEMENT_TIMEOUT = 60.0   # seconds for the placement group to be placed
 START_TIMEOUT = 300.0      # seconds for the agents to start and to spawn their ranks
@@ -229,7 +228,7 @@ class RayRanks(RemoteRanks):
         for ref, answer in zip(done, self._answers(done)):
             node, method = self._posted.pop(ref)
             if isinstance(answer, ray.exceptions.RayTaskError):
-                print(f"notebook_launcher: {node.label()}: {method} failed: {_cause(answer)}", file=sys.stderr)
+                say_failed(node, method, answer)
 
     def _answers(self, refs: list) -> list:
         """Each pull's batch, the exception that ended its agent (the actor died: its
@@ -293,20 +292,13 @@ def _actor_class():
     return ray.remote(concurrency_groups={"uplink": 1})(RayAgent)   # the rest: in order, one at a time
 
 
-def _cause(exc: BaseException) -> str:
-    """What an agent's method raised, in one line, without Ray's wrapping (its first line
-    is Ray's own, e.g. "ray::RayAgent.pull() (pid=...)")."""
-    cause = getattr(exc, "cause", None)
-    return one_line(cause if isinstance(cause, BaseException) else exc)
-
-
 def _gone_if_it_raised(answer):
     """A pull that raised (the agent is alive, its node cannot go on: e.g. the store could
     not start) ends the node with the agent's own words; an agent that died stays as is."""
     import ray
 
     if isinstance(answer, ray.exceptions.RayTaskError):
-        return NodeGone(f"its agent failed: {_cause(answer)}")
+        return NodeGone(f"its agent failed: {one_line(answer)}")
     return answer
 
 

@@ -77,8 +77,8 @@ class RemoteRanks(RankGroup):
     def _post_each(self, calls: list) -> None:
         """Make [(node, method, args)] calls, in order per node, without waiting for them:
         an engine that can returns at once (a cell's task then costs no round trip) and
-        reports a failed call from `_receive`, as a `NodeGone` of that node; by default,
-        they are made one after another and a failure raises here."""
+        says a failed call later (`say_failed`); by default, they are made one after
+        another and a failure raises here."""
         for node, method, args in calls:
             self._call(node, method, *args)
 
@@ -166,7 +166,7 @@ class RemoteRanks(RankGroup):
         try:
             self._call(node, method, *args, timeout=5.0)
         except Exception as exc:  # a node on its way out: its ranks go with it
-            print(f"notebook_launcher: {node.label()}: {method} failed: {one_line(exc)}", file=sys.stderr)
+            say_failed(node, method, exc)
 
     # ------------------------------------------------------------- the end
     def close(self, graceful: bool, term_grace: float) -> None:
@@ -188,6 +188,17 @@ class RemoteRanks(RankGroup):
                     self.last_words(arrival)
 
 
+def say_failed(node: Node, method: str, exc: BaseException) -> None:
+    """On stderr: an agent's call that nobody can act on failed (the node's ranks go on, or go with it)."""
+    print(f"notebook_launcher: {node.label()}: {method} failed: {one_line(exc)}", file=sys.stderr)
+
+
 def one_line(exc: BaseException) -> str:
+    """An agent's error in one line, in its own words: an engine's wrapping of what the
+    agent's method raised (Ray's RayTaskError, whose first line is Ray's, "ray::RayAgent.pull()
+    (pid=...)") is looked through to its ``cause``."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
