@@ -55,13 +55,7 @@ class Rendezvous:
         """Start the TCPStore server on the reserved socket (call after forking workers)."""
         if self.listener is None:
             return  # another node hosts the store, or torch's rendezvous does
-        import torch.distributed as dist  # here: a node agent that hosts no store never imports torch
-
-        self.store = dist.TCPStore(
-            self.master_addr, self.master_port, None, True,
-            timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False,
-            master_listen_fd=self.listener.fileno(), use_libuv=True,
-        )
+        self.store = serve_on(self.listener.fileno(), self.master_addr, self.master_port, timeout)
         self.listener.detach()  # the store owns (and will close) the socket now
         self.listener = None
 
@@ -112,6 +106,20 @@ def host_store(
         max_restarts=max_restarts,
         listener=listener,
     )
+
+
+def serve_on(listener_fd: int, master_addr: str, master_port: int, timeout: float = 300.0):
+    """torch's TCPStore server on a socket already listening (`host_store` reserved it,
+    here or in a node agent, whose first rank serves it); the store owns the fd from now on.
+
+    Example::
+
+        store = serve_on(rdzv.listener.fileno(), rdzv.master_addr, rdzv.master_port)
+    """
+    import torch.distributed as dist  # here: only a process that serves a store imports torch for it
+
+    return dist.TCPStore(master_addr, master_port, None, True, timeout=datetime.timedelta(seconds=timeout),
+                         wait_for_workers=False, master_listen_fd=listener_fd, use_libuv=True)
 
 
 def _listen(master_addr: str, port: int, bind_all: bool) -> socket.socket:

@@ -12,10 +12,11 @@ It does not decode anything: it relays what its ranks write, as raw chunks, in b
 be: that is the agent's heartbeat, by which the notebook notices a lost node within
 seconds instead of waiting for the engine (20-60 s).
 
-Agent 0 also hosts the rendezvous store, on a port the OS picks, bound to every interface
-of its node; every rank gets torchrun's variables pointing at it. Its server needs torch,
-whose import takes seconds: it is started beside the ranks (which import torch meanwhile,
-and wait in the socket's backlog if they connect first), not before them.
+Agent 0 also reserves the rendezvous store's port (the OS picks it), bound to every
+interface of its node; every rank gets torchrun's variables pointing at it. The server is
+served by agent 0's first rank, on that very socket, as soon as it has imported torch: an
+agent never imports torch (seconds of CPU beside its ranks' own imports, and its memory),
+and ranks that connect first wait in the socket's backlog.
 
 The engine wraps the agent: `ray_engine.RayAgent` as an actor (``pull`` in a concurrency
 group of its own, every other method in order in another), `slurm_engine` over a socket.
@@ -23,7 +24,7 @@ group of its own, every other method in order in another), `slurm_engine` over a
 Example::
 
     agent = NodeAgent()
-    addr, port = agent.reserve_store("10.0.0.5", plan)   # agent 0 only
+    addr, port = agent.reserve_store(plan)                  # agent 0 only
     agent.start(plan, addr, port)
     batch = agent.pull(0.5)                                  # AgentBatch(items=[Chunk, ...])
     agent.close(graceful=False, term_grace=1.0)
@@ -74,8 +75,6 @@ class NodeAgent:
         self._pids: dict = {}
         self._stop = threading.Event()
         self._pump: Optional[threading.Thread] = None
-        self._store_lock = threading.Lock()     # the store starts, or the agent closes: never both at once
-        self._store_failed: Optional[BaseException] = None
         self._spawner = _Spawner()
 
     def describe(self) -> NodeInfo:
@@ -96,25 +95,12 @@ class NodeAgent:
         rdzv = self._rdzv or rendezvous.Rendezvous(master_addr, master_port, plan.world_size, run_id=plan.run_id,
                                                    restart_count=plan.restart_count, max_restarts=plan.max_restarts)
         self.group = self._spawner.run(lambda: LocalRanks.start(plan, rdzv, "spawn", last_words=lambda lines: None,
-                                                                serve=False))
-        if rdzv.listener is not None:   # agent 0
-            threading.Thread(target=self._serve_store, name="notebook_launcher-agent-store", daemon=True).start()
+                                                                store_in_first_rank=True))
         self._pids = {rank: self.group.pid(rank) for rank in self.group.ranks}
         self._outbox.put(AgentBatch(pids=dict(self._pids)))
         self._pump = threading.Thread(target=self._relay, name="notebook_launcher-agent-pump", daemon=True)
         self._pump.start()
         return dict(self._pids)
-
-    def _serve_store(self) -> None:
-        """Start the store's server, unless the agent is closing; a failure is said by `pull`."""
-        try:
-            import torch.distributed  # noqa: F401  the seconds it takes, outside the lock
-
-            with self._store_lock:
-                if not self._stop.is_set():
-                    self.group.rdzv.serve()
-        except BaseException as exc:
-            self._store_failed = exc
 
     def _relay(self) -> None:
         """Move what the ranks write into the outbox, raw, until stopped or every rank ended."""
@@ -128,10 +114,7 @@ class NodeAgent:
     # ------------------------------------------------------------- the uplink
     def pull(self, timeout: float = PULL_WAIT) -> AgentBatch:
         """Everything relayed since the last pull, waiting up to ``timeout`` for the first
-        item; an empty batch says "alive, nothing new". Raises if the store's server
-        could not start (the ranks cannot meet: the notebook ends the call)."""
-        if self._store_failed is not None:
-            raise RuntimeError(f"the rendezvous store could not start: {self._store_failed!r}")
+        item; an empty batch says "alive, nothing new"."""
         try:
             first = self._outbox.get(timeout=timeout)
         except queue.Empty:
@@ -168,9 +151,8 @@ class NodeAgent:
         self.group.kill(ranks)
 
     def close(self, graceful: bool = False, term_grace: float = 1.0) -> None:
-        """Stop relaying, then stop the ranks and free the store. Idempotent."""
-        with self._store_lock:
-            self._stop.set()
+        """Stop relaying, then stop the ranks (and with the first, the store). Idempotent."""
+        self._stop.set()
         if self._pump is not None:
             self._pump.join(timeout=2 * PUMP_WAIT + 1)
         if self.group is not None:

@@ -74,7 +74,7 @@ def _run_agent(sock: socket.socket) -> int:
         while not stop.is_set():
             try:
                 frame = ("batch", agent.pull(PULL_WAIT))
-            except Exception as exc:   # the node cannot go on (e.g. the store could not start)
+            except Exception as exc:   # the agent cannot go on: the node ends with its words, not 5 s of silence
                 frame = ("failed", f"{type(exc).__name__}: {exc}")
             try:
                 send(sock, lock, frame)

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import selectors
 import signal
@@ -67,31 +68,40 @@ class LocalRanks(RankGroup):
 
     @classmethod
     def start(cls, plan: NodePlan, rdzv: rendezvous.Rendezvous, start_method: str, *, first_task=None,
-              last_words: Callable[[Lines], None] = _print_lines, serve: bool = True) -> "LocalRanks":
+              last_words: Callable[[Lines], None] = _print_lines,
+              store_in_first_rank: bool = False) -> "LocalRanks":
         """Start the node's ranks from the calling thread (a rank's parent-death signal is
         tied to the thread that started it). On any error everything started is released.
 
         ``first_task``: a one-shot launch's task object, handed to forked ranks as is.
-        ``serve=False``: the caller starts the store's server (``rdzv.serve()``) itself."""
+        ``store_in_first_rank``: the node's first rank serves the store on the reserved
+        socket (spawn: a node agent, which never imports torch); else this process does."""
+        if store_in_first_rank and start_method != "spawn":
+            raise ValueError("store_in_first_rank needs start_method='spawn' (forked ranks would all inherit it)")
         group = cls(plan, rdzv, start_method, last_words)
         try:
-            group._start_workers(first_task)
-            if rdzv.listener is not None:
+            handed = rdzv.listener.fileno() if store_in_first_rank and rdzv.listener is not None else None
+            group._start_workers(first_task, store_fd=handed)
+            if handed is not None:
+                rdzv.listener.close()   # the first rank has its own copy: the port lives as long as that rank
+                rdzv.listener = None
+            elif rdzv.listener is not None:
                 group._store_fd = rdzv.listener.fileno()
                 keep_from_children(group._store_fd)
-            if serve:
                 rdzv.serve()  # only now: no store thread may be running while workers fork
         except BaseException:
             group.close(graceful=False, term_grace=0.0)
             raise
         return group
 
-    def _start_workers(self, first_task) -> None:
+    def _start_workers(self, first_task, store_fd: Optional[int] = None) -> None:
         fork = self.start_method == "fork"
         parent = os.getpid()
 
         def spec(local_rank: int, fds, close_fds: tuple):
             rank = self.plan.first_rank + local_rank
+            if local_rank == 0 and store_fd is not None:
+                fds = dataclasses.replace(fds, store=store_fd)
             env = self.rdzv.worker_env(rank, local_rank, self.plan.nproc, self.plan.node_rank)
             return make_spec(self.plan, env, local_rank, fds, parent_pid=parent, stack_file=self.stacks.path(rank),
                              close_fds=close_fds if fork else (), first_task=first_task if fork else None)

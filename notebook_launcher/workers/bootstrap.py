@@ -50,12 +50,15 @@ _SECONDARY_ERROR = re.compile(
 
 @dataclass
 class InheritedFds:
-    """The child's ends of its four pipes (same numbers in the child as in the parent)."""
+    """The child's ends of its four pipes (same numbers in the child as in the parent),
+    and for the one rank that serves the rendezvous store (a node agent's first rank),
+    the store's listening socket."""
 
     events: int
     stdout: int
     stderr: int
     control: int
+    store: Optional[int] = None
 
     def __getstate__(self):
         # When multiprocess pickles us for a spawned child, ask it to pass these fds along.
@@ -63,8 +66,9 @@ class InheritedFds:
 
         popen = mp_context.get_spawning_popen()
         if popen is not None:
-            for fd in (self.events, self.stdout, self.stderr, self.control):
-                popen.duplicate_for_child(fd)
+            for fd in (self.events, self.stdout, self.stderr, self.control, self.store):
+                if fd is not None:
+                    popen.duplicate_for_child(fd)
         return self.__dict__
 
 
@@ -347,6 +351,8 @@ def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> None:
     behave_as_a_script()  # a forked kernel's sys.ps1 would make Lightning refuse ddp
     import torch
 
+    if spec.fds.store is not None:
+        _serve_store(spec)   # first: the node's other ranks, and every other node's, wait for it
     torch.set_num_threads(spec.num_threads)
     context.install(context.WorkerContext(
         rank=spec.rank, local_rank=spec.local_rank, world_size=spec.world_size,
@@ -357,6 +363,17 @@ def _prepare(spec: WorkerSpec, channel: ch.WorkerChannel) -> None:
     if spec.device.startswith("cuda"):
         _pin_cuda_device(torch, spec.local_rank)
     _init_process_group(spec)
+
+
+_served_store: list = []   # the rendezvous store this rank serves, alive as long as the rank
+
+
+def _serve_store(spec: WorkerSpec) -> None:
+    """Serve the rendezvous store on the socket the node agent reserved: the agent itself
+    never imports torch (seconds of CPU beside its ranks' own imports, and its memory)."""
+    from ..rendezvous import serve_on
+
+    _served_store.append(serve_on(spec.fds.store, spec.env["MASTER_ADDR"], int(spec.env["MASTER_PORT"])))
 
 
 def _pin_cuda_device(torch, local_rank: int) -> None:
