@@ -182,15 +182,55 @@ def test_a_session_keeps_state_over_cells_on_two_nodes_through_an_error_and_an_i
             kernel.wait_for_output(msg_id, r"NEVER PRINTED", timeout=30)
         interrupted_in = time.monotonic() - pressed
         fifth = cell(kernel, "%%dist\nweights.tolist()")
+        cell(kernel, PRESS_WHILE_A_PULL_IS_POSTED)
+        msg_id = kernel.submit("%%dist\nprint('SLEEPING', flush=True)\nimport time\ntime.sleep(60)")
+        with pytest.raises(TimeoutError, match="the cell ended"):
+            kernel.wait_for_output(msg_id, r"NEVER PRINTED", timeout=30)
+        cell(kernel, "_group.actors = [agent.actor for agent in _group.actors]")
+        sixth = cell(kernel, "%%dist\nweights.tolist()")
     finally:
         stopped = cell(kernel, "%dist stop")
     assert interrupted_in < 2.0, "the interrupted cell did not end within 2 s"
     assert "Out[rank 1]: [3.0, 3.0]" in fifth.stdout and "fresh ranks" not in fifth.stderr, fifth.text
+    assert "Out[rank 1]: [3.0, 3.0]" in sixth.stdout and "fresh ranks" not in sixth.stderr, sixth.text
     assert "Out[rank 0]: 6.0" in second.stdout and "Out[rank 1]: 6.0" in second.stdout, second.text
     assert third.status == "error" and "only a user error on rank 1" in third.evalue + third.traceback
     assert "Out[rank 0]: [3.0, 3.0]" in fourth.stdout and "Out[rank 1]: [3.0, 3.0]" in fourth.stdout, fourth.text
     assert stopped.status == "ok"
     assert_nothing_left(kernel, pids_in(first.stdout))
+
+
+# The person presses Interrupt just as the notebook asks an agent for its next batch (a pull,
+# 0.3 ms of Ray's Python here): armed for the next cell, the press lands right after a pull
+# was handed to Ray, past the first second, when the ranks sleep. A pull whose reference the
+# Interrupt lost would take that agent's next batch, its rank's KeyboardInterrupt, with it:
+# the session would break ("rank 1 could not be interrupted").
+PRESS_WHILE_A_PULL_IS_POSTED = """
+import os, signal, time
+_group = get_ipython().magics_manager.registry["DistMagics"].session._ranks
+_armed = [time.monotonic() + 1.5]
+
+class _PressAfterPosting:
+    def __init__(self, method):
+        self.method = method
+    def options(self, **options):
+        return _PressAfterPosting(self.method.options(**options))
+    def remote(self, *args):
+        ref = self.method.remote(*args)
+        if _armed and time.monotonic() > _armed[0]:
+            _armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)      # the handler runs here, before the caller has the reference
+        return ref
+
+class _Agent:
+    def __init__(self, actor):
+        self.actor = actor
+    def __getattr__(self, name):
+        return _PressAfterPosting(getattr(self.actor, name)) if name == "pull" else getattr(self.actor, name)
+
+_group.actors = [_Agent(actor) for actor in _group.actors]
+"""
 
 
 def test_interrupt_ends_the_cell_within_two_seconds(kernel):

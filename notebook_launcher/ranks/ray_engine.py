@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+from ..interrupts import interrupts_deferred
 from .agent import PULL_WAIT, NodeAgent
 from .base import Lines
 from .plan import plan_for
@@ -190,19 +191,18 @@ class RayRanks(RemoteRanks):
             self._posted[getattr(self.actors[node.index], method).remote(*args)] = (node, method)
 
     def _receive(self, timeout: float) -> list:
-        """Wait for a first answer, take every answer there is then (one `ray.get`), and
-        note which agents are silent: those whose pull has no answer yet. An answer still
-        on its way from the agent's node (a big batch) counts as one: ``fetch_local=False``."""
-        import ray
-
-        self._pull_every_live_agent()
-        if not self._pulls:
-            time.sleep(min(timeout, 0.05))
-            return []
-        refs = list(self._pulls)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=False)
-        if ready and len(refs) > 1:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        """Take the answers already there; if there are none, ask every live agent that has
+        no pull out for one and wait for a first answer, then take every answer there is.
+        A look without waiting (``timeout`` 0: a call's drain) asks for nothing: every ask
+        costs an actor call (0.3 ms here) on the path of the answers, so asks are made only
+        when nothing waits, and an idle session has none out. Agents whose pull has no answer
+        yet are silent since it was sent; an answer still on its way from the agent's node
+        (a big batch) counts as one: ``fetch_local=False``."""
+        ready = self._ready(0)
+        if not ready and timeout > 0:
+            with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
+                self._pull_every_live_agent()
+            ready = self._ready(timeout)
         out = []
         for ref, answer in zip(ready, self._answers(ready)):
             node, _ = self._pulls.pop(ref)
@@ -216,6 +216,20 @@ class RayRanks(RemoteRanks):
             node.silent_since = sent
         self._check_posts()
         return out
+
+    def _ready(self, timeout: float) -> list:
+        """The pulls answered within ``timeout`` (all of those answered by the first)."""
+        import ray
+
+        refs = list(self._pulls)
+        if not refs:
+            if timeout > 0:
+                time.sleep(min(timeout, 0.05))
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=False)
+        if ready and len(refs) > 1:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        return ready
 
     def _check_posts(self) -> None:
         """Forget the posted calls that are done; say the failure of one that raised (an
