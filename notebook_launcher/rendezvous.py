@@ -4,7 +4,9 @@ The parent owns the `TCPStore` server (``TORCHELASTIC_USE_AGENT_STORE=True``), s
 worker connects as a client: there is no "who binds the port first" race, and user code
 (or HF accelerate, or Lightning) that calls ``init_process_group()`` with env:// finds a
 ready store. The listening socket is bound by us, on an OS-chosen port unless the user
-named one, to the loopback interface unless the job spans machines.
+named one, to the loopback interface unless the job spans machines. On a cluster, node
+0's agent binds it and hands it to its first rank, which serves the store on it
+(`serve_on`): an agent never imports torch.
 """
 
 from __future__ import annotations
