@@ -189,7 +189,7 @@ def resolve(function: Optional[Callable] = None, args: Any = (), kwargs: Any = N
 
 
 def _check_cluster_options(cluster, node_rank: int, use_port: Any, rdzv_backend: str, start_method: str) -> None:
-    """On a cluster the engine places every node and agent 0 hosts the rendezvous."""
+    """On a cluster the engine places every node, and agent 0 reserves the rendezvous port."""
     if node_rank != 0 or use_port not in (None, "", 0, "0") or rdzv_backend != "static":
         raise LaunchConfigError(
             f"cluster={cluster.kind!r} places every node and picks the rendezvous port itself: make one call "

@@ -83,7 +83,8 @@ def host_store(
 ) -> Rendezvous:
     """Reserve the store's port in this process and describe how workers reach it.
 
-    Only the listening socket exists until `Rendezvous.serve` starts the TCPStore server:
+    Only the listening socket exists until `Rendezvous.serve` (or, in a node agent, the
+    first rank: `serve_on`) starts the TCPStore server:
     the server's thread must not run while workers are forked (a fork that catches it
     holding glibc's name-lookup lock leaves the worker frozen when it connects). Workers
     that connect before ``serve`` simply wait in the socket's backlog.

@@ -34,6 +34,8 @@ AGENT = textwrap.dedent("""
     agent = NodeAgent()
     address, port = agent.reserve_store(plan)
     pids = agent.start(plan, address, port)
+    listening_here = [c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     decoders = {rank: ch.FrameDecoder() for rank in pids}
     ready, said, deadline = set(), [], time.monotonic() + 90
     while len(ready) < len(pids) and time.monotonic() < deadline:   # RankReady: past init_process_group
@@ -54,6 +56,7 @@ AGENT = textwrap.dedent("""
     agent.close(graceful=False, term_grace=1.0)
     left = [p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     print(json.dumps(dict(ranks=len(pids), ready=sorted(ready), said=said, torch_here=torch_here[:5],
+                          listening_here=listening_here,
                           sent_past_the_dead=sent_past_the_dead, left=left)))
 """)
 
@@ -64,6 +67,7 @@ def test_agent_0_never_imports_torch_its_first_rank_serves_the_store_and_nothing
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["ranks"] == 2 and report["ready"] == [0, 1], report   # they met on the store
     assert report["torch_here"] == [], report
+    assert report["listening_here"] == [], report       # the first rank has the store's socket, not the agent
     assert report["sent_past_the_dead"] is True, report
     assert report["left"] == [], report
 

@@ -13,10 +13,12 @@ be: that is the agent's heartbeat, by which the notebook notices a lost node wit
 seconds instead of waiting for the engine (20-60 s).
 
 Agent 0 also reserves the rendezvous store's port (the OS picks it), bound to every
-interface of its node; every rank gets torchrun's variables pointing at it. The server is
-served by agent 0's first rank, on that very socket, as soon as it has imported torch: an
+interface of its node; every rank gets torchrun's variables pointing at it. Agent 0's
+first rank serves the store on that very socket as soon as it has imported torch: an
 agent never imports torch (seconds of CPU beside its ranks' own imports, and its memory),
-and ranks that connect first wait in the socket's backlog.
+and ranks that connect first wait in the socket's backlog. The store lives as long as that
+rank (torchrun's default, where rank 0 hosts it): a peer that needs it after rank 0 died
+fails as having lost its peer.
 
 The engine wraps the agent: `ray_engine.RayAgent` as an actor (``pull`` in a concurrency
 group of its own, every other method in order in another), `slurm_engine` over a socket.

@@ -1,8 +1,8 @@
 """Ranks started from this process: fork (tens of milliseconds) or spawn (after CUDA).
 
 The invariant: this group is the only owner of its ranks, their pipes, the rendezvous
-store they meet on, their stack-dump files and (after a spawn) multiprocess's resource
-tracker; `close` releases every one of them on every path, each step on its own. It is
+store they meet on (served here, or by the first rank in a node agent), their stack-dump
+files and (after a spawn) multiprocess's resource tracker; `close` releases every one of them on every path, each step on its own. It is
 used in the notebook for one-machine jobs, and inside a node agent (`agent.NodeAgent`,
 spawn only) for the ranks of one node of a cluster job.
 
@@ -80,19 +80,26 @@ class LocalRanks(RankGroup):
             raise ValueError("store_in_first_rank needs start_method='spawn' (forked ranks would all inherit it)")
         group = cls(plan, rdzv, start_method, last_words)
         try:
-            handed = rdzv.listener.fileno() if store_in_first_rank and rdzv.listener is not None else None
-            group._start_workers(first_task, store_fd=handed)
-            if handed is not None:
-                rdzv.listener.close()   # the first rank has its own copy: the port lives as long as that rank
-                rdzv.listener = None
-            elif rdzv.listener is not None:
-                group._store_fd = rdzv.listener.fileno()
-                keep_from_children(group._store_fd)
-                rdzv.serve()  # only now: no store thread may be running while workers fork
+            store_fd_for_first_rank = (rdzv.listener.fileno()
+                                       if store_in_first_rank and rdzv.listener is not None else None)
+            group._start_workers(first_task, store_fd=store_fd_for_first_rank)
+            if rdzv.listener is not None:
+                group._serve_or_let_go(store_in_first_rank)
         except BaseException:
             group.close(graceful=False, term_grace=0.0)
             raise
         return group
+
+    def _serve_or_let_go(self, first_rank_serves: bool) -> None:
+        """Once the ranks started: serve the store here, or close this process's copy of its
+        socket (the first rank has its own: the port then lives as long as that rank)."""
+        if first_rank_serves:
+            self.rdzv.listener.close()
+            self.rdzv.listener = None
+        else:
+            self._store_fd = self.rdzv.listener.fileno()
+            keep_from_children(self._store_fd)
+            self.rdzv.serve()  # only now: no store thread may be running while workers fork
 
     def _start_workers(self, first_task, store_fd: Optional[int] = None) -> None:
         fork = self.start_method == "fork"

@@ -3,9 +3,9 @@
 One placement group with one bundle per node (STRICT_SPREAD for several nodes), one agent
 actor per bundle (`RayAgent`, a thin actor around `agent.NodeAgent`), which starts its
 node's ranks as its own children. What ranks write travels back through Ray itself: each
-agent is pulled continually (a long-poll actor method, in a concurrency group of its own,
-so it runs beside the control methods, which stay in order in theirs); the notebook needs
-no port the cluster can reach, and Ray's ``log_to_driver`` is never involved.
+live agent is pulled while a call waits (a long-poll actor method, in a concurrency group of
+its own, so it runs beside the control methods, which stay in order in theirs); the
+notebook needs no port the cluster can reach, and Ray's ``log_to_driver`` is never involved.
 
 Nothing outlives its call or session: `RayRanks.close` stops the ranks through their
 agents, kills the actors and removes the placement group; if the kernel dies, Ray kills
@@ -141,7 +141,7 @@ class RayRanks(RemoteRanks):
         super().__init__(nodes, last_words)
         self.actors = actors
         self.placement = placement
-        self._pulls: dict = {}    # object ref -> (node, when it was sent): one outstanding pull per live agent
+        self._pulls: dict = {}    # object ref -> (node, when it was sent): at most one pull out per live agent
         self._posted: dict = {}   # object ref -> (node, method): calls not waited for, until they are done
 
     @classmethod
@@ -191,33 +191,28 @@ class RayRanks(RemoteRanks):
             self._posted[getattr(self.actors[node.index], method).remote(*args)] = (node, method)
 
     def _receive(self, timeout: float) -> list:
-        """Take the answers already there; if there are none, ask every live agent that has
+        """Take the batches already there; if there are none, ask every live agent that has
         no pull out for one and wait for a first answer, then take every answer there is.
         A look without waiting (``timeout`` 0: a call's drain) asks for nothing: every ask
         costs an actor call (0.3 ms here) on the path of the answers, so asks are made only
         when nothing waits, and an idle session has none out. Agents whose pull has no answer
         yet are silent since it was sent; an answer still on its way from the agent's node
-        (a big batch) counts as one: ``fetch_local=False``."""
-        ready = self._ready(0)
-        if not ready and timeout > 0:
+        (a big batch) counts as one: ``fetch_local=False``. A lost node's pulls are dropped."""
+        live = {node.index for node in self.nodes if not node.lost}
+        self._pulls = {ref: (node, sent) for ref, (node, sent) in self._pulls.items() if node.index in live}
+        taken = self._take(self._answered(0))
+        if not taken and timeout > 0:
             with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
                 self._pull_every_live_agent()
-            ready = self._ready(timeout)
-        out = []
-        for ref, answer in zip(ready, self._answers(ready)):
-            node, _ = self._pulls.pop(ref)
-            if answer is None:   # answered, still on its way (over a second): waited for again
-                self._pulls[ref] = (node, time.monotonic())
-            else:
-                out.append((node, _gone_if_it_raised(answer)))
+            taken = self._take(self._answered(timeout))
         for node in self.nodes:
             node.silent_since = None
         for node, sent in self._pulls.values():
             node.silent_since = sent
         self._check_posts()
-        return out
+        return taken
 
-    def _ready(self, timeout: float) -> list:
+    def _answered(self, timeout: float) -> list:
         """The pulls answered within ``timeout`` (all of those answered by the first)."""
         import ray
 
@@ -230,6 +225,18 @@ class RayRanks(RemoteRanks):
         if ready and len(refs) > 1:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         return ready
+
+    def _take(self, refs: list) -> list:
+        """[(node, batch or what ended its agent)] of the answered pulls that could be
+        fetched; one still on its way (over a second) is waited for again."""
+        taken = []
+        for ref, answer in zip(refs, self._answers(refs)):
+            node, _ = self._pulls.pop(ref)
+            if answer is None:
+                self._pulls[ref] = (node, time.monotonic())
+            else:
+                taken.append((node, _gone_if_it_raised(answer)))
+        return taken
 
     def _check_posts(self) -> None:
         """Forget the posted calls that are done; say the failure of one that raised (an
@@ -266,11 +273,9 @@ class RayRanks(RemoteRanks):
         return answers
 
     def _pull_every_live_agent(self) -> None:
-        live = {node.index for node in self.nodes if not node.lost}
-        self._pulls = {ref: (node, sent) for ref, (node, sent) in self._pulls.items() if node.index in live}
         pulled = {node.index for node, _ in self._pulls.values()}
         for node in self.nodes:
-            if node.index in live and node.index not in pulled:
+            if not node.lost and node.index not in pulled:
                 ref = self.actors[node.index].pull.options(concurrency_group="uplink").remote(PULL_WAIT)
                 self._pulls[ref] = (node, time.monotonic())
 
@@ -307,8 +312,8 @@ def _actor_class():
 
 
 def _gone_if_it_raised(answer):
-    """A pull that raised (the agent is alive, its node cannot go on: e.g. the store could
-    not start) ends the node with the agent's own words; an agent that died stays as is."""
+    """A pull that raised (the agent is alive, but cannot relay: a bug of ours) ends the
+    node with the agent's own words; an agent that died stays as is."""
     import ray
 
     if isinstance(answer, ray.exceptions.RayTaskError):

@@ -85,7 +85,7 @@ class RemoteRanks(RankGroup):
     @abc.abstractmethod
     def _receive(self, timeout: float) -> list:
         """[(node, AgentBatch or the exception that ended its agent)] within ``timeout``;
-        each live agent is pulled continually, and each node's ``silent_since`` kept."""
+        each live agent is pulled while the call waits, and each node's ``silent_since`` kept."""
 
     @abc.abstractmethod
     def _release(self) -> None:

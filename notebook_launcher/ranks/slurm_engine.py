@@ -10,7 +10,7 @@
   node inside the allocation; each dials a TCP listener in the notebook (bound to an
   address the nodes can reach), proves itself with a random token passed through the
   environment, and is then driven over that connection (`dial`): the same agent and the
-  same worker code as on Ray. Agent 0 hosts the rendezvous store.
+  same worker code as on Ray. Agent 0's first rank serves the rendezvous store.
 - **Only** ``sbatch``, ``srun``, ``squeue``, ``scontrol`` and ``scancel`` are used (never
   ``sacct``: many clusters run no slurmdbd), and ``squeue`` at most once a second.
 - **The end of a job** (``scancel``, its time limit, preemption, a node failure) closes the

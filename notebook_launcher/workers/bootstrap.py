@@ -43,7 +43,8 @@ PR_SET_PDEATHSIG = 1
 # Errors that a rank raises because ANOTHER rank died: never the root cause.
 _SECONDARY_ERROR = re.compile(
     r"closed by peer|reset by peer|broken pipe|connection refused|communicator was aborted"
-    r"|remote process exited|NCCL communicator.*abort|Connection closed|peer.*(?:closed|disconnect)",
+    r"|remote process exited|NCCL communicator.*abort|Connection closed|peer.*(?:closed|disconnect)"
+    r"|connection was likely closed|server has shut down",   # the store, served by rank 0 on a cluster
     re.IGNORECASE,
 )
 
@@ -373,6 +374,7 @@ def _serve_store(spec: WorkerSpec) -> None:
     never imports torch (seconds of CPU beside its ranks' own imports, and its memory)."""
     from ..rendezvous import serve_on
 
+    os.set_inheritable(spec.fds.store, False)   # what the rank starts must not keep the port open after it
     _served_store.append(serve_on(spec.fds.store, spec.env["MASTER_ADDR"], int(spec.env["MASTER_PORT"])))
 
 
