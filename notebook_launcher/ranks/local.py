@@ -2,9 +2,10 @@
 
 The invariant: this group is the only owner of its ranks, their pipes, the rendezvous
 store they meet on (served here, or by the first rank in a node agent), their stack-dump
-files and (after a spawn) multiprocess's resource tracker; `close` releases every one of them on every path, each step on its own. It is
-used in the notebook for one-machine jobs, and inside a node agent (`agent.NodeAgent`,
-spawn only) for the ranks of one node of a cluster job.
+files and (after a spawn) multiprocess's resource tracker; `close` releases every one of
+them on every path, each step on its own. It is used in the notebook for one-machine
+jobs, and inside a node agent (`agent.NodeAgent`, spawn only) for the ranks of one node
+of a cluster job.
 
 Reading: one selector, kept for the group's life, over every rank's three pipes and its
 process sentinel. A rank that exits has its whole process group killed (what it forked

@@ -317,7 +317,7 @@ def _gone_if_it_raised(answer):
     import ray
 
     if isinstance(answer, ray.exceptions.RayTaskError):
-        return NodeGone(f"its agent failed: {one_line(answer)}")
+        return NodeGone.agent_failed(one_line(answer))
     return answer
 
 

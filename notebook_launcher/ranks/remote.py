@@ -40,6 +40,12 @@ class NodeGone(Exception):
     """What an engine knows about why a node's agent went away, in words (e.g. "the Slurm
     job 12 was cancelled (scancel)")."""
 
+    @classmethod
+    def agent_failed(cls, words: str) -> "NodeGone":
+        """The agent is alive but cannot relay (its pull raised): its node ends with the
+        agent's own words, e.g. ``NodeGone.agent_failed("RuntimeError: the relay broke")``."""
+        return cls(f"its agent failed: {words}")
+
 
 @dataclass
 class Node:

@@ -371,7 +371,7 @@ class Listener:
             if frame[1].items or frame[1].pids:
                 self._queue.put((link.index, frame[1]))
         elif frame[0] == "failed":   # the agent's own words: its node cannot go on
-            self._queue.put((link.index, NodeGone(f"its agent failed: {frame[1]}")))
+            self._queue.put((link.index, NodeGone.agent_failed(frame[1])))
         elif frame[0] == "reply":
             _, call_id, ok, value = frame
             pending = link.pending.pop(call_id, None)
