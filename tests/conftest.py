@@ -54,3 +54,34 @@ def no_leftover_processes():
             break
         time.sleep(0.05)
     assert not left, f"processes left behind: {[(p.pid, _name(p)) for p in left]}"
+
+
+# ----------------------------------------------------------------- two workers (pytest-xdist)
+# The suite mostly waits (kernels, ranks and clusters starting; Interrupts, stalls and lost
+# nodes being noticed): run in one process, it kept this 2-CPU machine 44 % busy for 16
+# minutes. pyproject's addopts run it on two workers (`-n 2 --dist loadgroup`), two files at a
+# time: a file stays on one worker (its module fixtures start once), and the files that start
+# Ray clusters share one worker, so that two clusters never run at once (each holds ports,
+# /dev/shm for its object store, and 1 CPU per node for the agents).
+ONE_AT_A_TIME = {"test_ray_kernel.py": "ray", "test_notebooks.py": "ray"}
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(ONE_AT_A_TIME.get(item.path.name, item.path.name)))
+
+
+@pytest.fixture(autouse=True)
+def alone_or_beside_others(request, tmp_path_factory):
+    """On two workers, a test marked ``alone`` (it measures the whole machine, e.g. its
+    shared memory) runs while the other worker waits between tests; the rest run side by
+    side. One lock file for both workers: shared by every test, exclusive for ``alone``."""
+    if not hasattr(request.config, "workerinput"):
+        yield
+        return
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "alone.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
+        yield

@@ -49,8 +49,7 @@ def test_a_second_stack_dump_is_clean():
         import time
         from notebook_launcher.workers.stacks import register_dump_handler
         register_dump_handler({dumps.path(0)!r})
-        print("ready", flush=True)
-        time.sleep(30)
+        print("ready", flush=True); time.sleep(30)   # one line: a dump between the two shows the same
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"

@@ -27,6 +27,8 @@ from kernel_harness import Kernel, pids_alive, wait_pids_gone
 from notebook_launcher import Session, SessionStatus, WorkerError, notebook_launcher, shared_memory
 from test_session import press_interrupt, within
 
+pytestmark = pytest.mark.alone   # measures the machine's shared memory (/proc/meminfo): no other test beside
+
 MB = 2**20
 MEMFD = "memfd:notebook_launcher"
 
