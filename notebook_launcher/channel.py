@@ -115,7 +115,7 @@ class DeviceStats:
 @dataclass(frozen=True)
 class TaskRequest:
     blob: bytes                      # the task (`workers.tasks`), pickled with dill (plain pickle: not ``by_value``)
-    send_value: bool                 # return the value, or only say it is done
+    send_value: Any                  # return the value (True), only say it is done (False), or: the ranks that return it
     sources: dict = field(default_factory=dict)  # notebook cells for tracebacks (linecache entries)
     buffers: Optional[list] = None   # the task's out-of-band buffers, inline
     shared: Any = None               # or a `shared_memory.SharedRef` to them (ranks of the notebook's machine)

@@ -438,12 +438,11 @@ class Session:
             extra = dict(buffers=None if outgoing or not buffers else buffers, shared=outgoing and outgoing.ref,
                          inbox=shared_memory.inbox_address() if here else None, by_value=by_value)
             sources = _new_cells(self._sent_sources)
+            returning = set(values_from) & set(targets)
+            send_value = True if returning == set(targets) else frozenset(returning)   # one frame for every rank
             with interrupts_deferred():
-                for send_value in (True, False):
-                    ranks = [r for r in targets if (r in values_from) == send_value]
-                    if ranks:
-                        request = ch.TaskRequest(blob, send_value, sources, **extra)
-                        self._ranks.send(ranks, frame_of(request, self._task_id))
+                self._ranks.send(list(targets), frame_of(ch.TaskRequest(blob, send_value, sources, **extra),
+                                                         self._task_id))
         except BaseException:
             if outgoing is not None:
                 outgoing.close()

@@ -46,6 +46,26 @@ AGENT = textwrap.dedent("""
             elif hasattr(item, "data"):
                 said.append(item.data.decode(errors="replace"))
     torch_here = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
+    # A task, as a session sends it: one frame for both ranks, rank 0 alone returning its value.
+    # Its call is also a pull: the ranks' first answer comes back with it.
+    from notebook_launcher.ranks.base import frame_of
+    from notebook_launcher.serialization import dumps_task
+    from notebook_launcher.workers.tasks import Execute
+    task = ch.TaskRequest(dumps_task(Execute("6 * 7", "<agent-test>")), frozenset({0}))
+    done, deadline = {}, time.monotonic() + 30
+    while agent.pull(0.1).items:
+        pass                                          # nothing older than the task's answers
+    batch = agent.send_then_pull(sorted(pids), frame_of(task, 1), 5.0)
+    first_call = None
+    while len(done) < len(pids) and time.monotonic() < deadline:
+        for item in batch.items:
+            if getattr(item, "stream", None) == "events":
+                for e in decoders[item.rank].feed(item.data):
+                    if isinstance(e.message, ch.TaskDone):
+                        done[item.rank] = e.message.value
+        first_call = len(done) if first_call is None else first_call    # answers in the call's own batch
+        batch = agent.pull(0.2)
+    values = {rank: value if value is None else repr(value)[:40] for rank, value in done.items()}
     os.kill(pids[1], signal.SIGKILL)                  # a rank that ended is skipped by send, not an error
     psutil.Process(pids[1]).wait(10)
     try:
@@ -56,6 +76,7 @@ AGENT = textwrap.dedent("""
     agent.close(graceful=False, term_grace=1.0)
     left = [p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     print(json.dumps(dict(ranks=len(pids), ready=sorted(ready), said=said, torch_here=torch_here[:5],
+                          values=values, first_call=first_call,
                           listening_here=listening_here,
                           sent_past_the_dead=sent_past_the_dead, left=left)))
 """)
@@ -67,6 +88,8 @@ def test_agent_0_never_imports_torch_its_first_rank_serves_the_store_and_nothing
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["ranks"] == 2 and report["ready"] == [0, 1], report   # they met on the store
     assert report["torch_here"] == [], report
+    assert report["first_call"], report             # send_then_pull brought back an answer with itself
+    assert report["values"]["1"] is None and report["values"]["0"] is not None, report   # only rank 0's value
     assert report["listening_here"] == [], report       # the first rank has the store's socket, not the agent
     assert report["sent_past_the_dead"] is True, report
     assert report["left"] == [], report

@@ -230,7 +230,8 @@ class _Agent:
     def __init__(self, actor):
         self.actor = actor
     def __getattr__(self, name):
-        return _PressAfterPosting(getattr(self.actor, name)) if name == "pull" else getattr(self.actor, name)
+        pulls = ("pull", "send_then_pull")     # a cell's task is its agent's first pull
+        return _PressAfterPosting(getattr(self.actor, name)) if name in pulls else getattr(self.actor, name)
 
 _group.actors = [_Agent(actor) for actor in _group.actors]
 """

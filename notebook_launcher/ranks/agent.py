@@ -140,6 +140,12 @@ class NodeAgent:
             except BrokenPipeError:
                 pass
 
+    def send_then_pull(self, ranks: list, frame: bytes, timeout: float) -> AgentBatch:
+        """`send`, then `pull`: the ranks' first answer (a trivial cell's result) comes
+        back with the call that asked for it, in one round trip."""
+        self.send(ranks, frame)
+        return self.pull(timeout)
+
     def interrupt(self, ranks: list) -> None:
         self.group.interrupt(ranks)
 

@@ -32,6 +32,7 @@ from .base import Lines
 from .plan import plan_for
 from .remote import CALL_TIMEOUT, Node, NodeGone, RemoteRanks, one_line, say_failed
 
+SEND_WAIT = 0.1            # seconds a send waits for the ranks' first answer (what is called after it waits too)
 PLACEMENT_TIMEOUT = 60.0   # seconds for the placement group to be placed
 START_TIMEOUT = 300.0      # seconds for the agents to start and to spawn their ranks
 
@@ -58,6 +59,9 @@ class RayAgent:
 
     def send(self, ranks: list, frame: bytes) -> None:
         self.agent.send(ranks, frame)
+
+    def send_then_pull(self, ranks: list, frame: bytes, timeout: float = SEND_WAIT):
+        return self.agent.send_then_pull(ranks, frame, timeout)
 
     def interrupt(self, ranks: list) -> None:
         self.agent.interrupt(ranks)
@@ -184,11 +188,19 @@ class RayRanks(RemoteRanks):
 
         return ray.get(getattr(self.actors[node.index], method).remote(*args), timeout=timeout)
 
-    def _post_each(self, calls: list) -> None:
-        """Ray runs one caller's calls to an actor in order: what is called after these
-        (an interrupt, a stack dump, close) reaches the agent after them."""
-        for node, method, args in calls:
-            self._posted[getattr(self.actors[node.index], method).remote(*args)] = (node, method)
+    def send(self, ranks: list, frame: bytes) -> None:
+        """Each node's ranks get the frame; a node with no pull out gets it in a call that
+        is also its pull (`NodeAgent.send_then_pull`): a trivial cell's answer then comes
+        back in one actor round trip instead of two (a send, then a pull). Such a call holds
+        the agent's later control calls (an interrupt) for at most `SEND_WAIT` seconds."""
+        pulled = {node.index for node, _ in self._pulls.values()}
+        with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
+            for node, mine in self._by_node(ranks):
+                actor = self.actors[node.index]
+                if node.index in pulled:
+                    self._posted[actor.send.remote(mine, frame)] = (node, "send")
+                else:
+                    self._pulls[actor.send_then_pull.remote(mine, frame, SEND_WAIT)] = (node, time.monotonic())
 
     def _receive(self, timeout: float) -> list:
         """Take the batches already there; if there are none, ask every live agent that has
@@ -305,7 +317,8 @@ def _agent_actor(ray, placement, index: int, bundle: dict, runtime_env: Optional
 def _actor_class():
     """Made once per kernel (Ray exports a class to the cluster each time one is made).
     Its default group must stay one thread, never async: then Ray runs one caller's calls
-    in the order they were made, which `_post_each` relies on."""
+    in the order they were made, which `RayRanks.send` relies on (an interrupt called after
+    a task's send reaches the agent after it)."""
     import ray
 
     return ray.remote(concurrency_groups={"uplink": 1})(RayAgent)   # the rest: in order, one at a time

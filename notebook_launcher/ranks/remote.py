@@ -1,10 +1,10 @@
 """The notebook's side of ranks run by node agents (`agent.NodeAgent`), whatever placed them.
 
 An engine (`ray_engine`, `slurm_engine`) provides the transport: how to call an agent's
-method (`_call`, and `_post_each` for calls nobody waits for: a cell's task), how to take
-the agents' batches as they come (`_receive`), and how to release what it took
-(`_release`: actors and placement group, a Slurm job). This class does the rest, the
-same for every engine:
+method (`_call`, and `_post_each` for calls nobody waits for: a cell's task; Ray's own
+`send` makes that call its agent's pull too), how to take the agents' batches as they
+come (`_receive`), and how to release what it took (`_release`: actors and placement
+group, a Slurm job). This class does the rest, the same for every engine:
 
 - arrivals: each agent's `agent.AgentBatch` is unpacked into the raw `Chunk`s and
   `Exit`s of the `base.RankGroup` interface (decoded there, as for local ranks);

@@ -284,7 +284,12 @@ def _tasks(spec: WorkerSpec, requests):
         envelope = requests.get()
         if isinstance(envelope.message, ch.Shutdown):
             return
-        yield envelope.task_id, envelope.message, envelope.message.send_value
+        yield envelope.task_id, envelope.message, _sends_value(envelope.message.send_value, spec.rank)
+
+
+def _sends_value(send_value, rank: int) -> bool:
+    """A request's ``send_value``: for every rank (a bool), or the ranks that return their value."""
+    return send_value if isinstance(send_value, bool) else rank in send_value
 
 
 def _rank_namespace(spec: WorkerSpec) -> dict:
