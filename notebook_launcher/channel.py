@@ -41,7 +41,7 @@ import pickle
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 _HEADER = struct.Struct("!Q")
 
@@ -115,7 +115,7 @@ class DeviceStats:
 @dataclass(frozen=True)
 class TaskRequest:
     blob: bytes                      # the task (`workers.tasks`), pickled with dill (plain pickle: not ``by_value``)
-    send_value: Any                  # return the value (True), only say it is done (False), or: the ranks that return it
+    send_value: Union[bool, frozenset]   # return the value, only say it is done, or: the ranks that return it
     sources: dict = field(default_factory=dict)  # notebook cells for tracebacks (linecache entries)
     buffers: Optional[list] = None   # the task's out-of-band buffers, inline
     shared: Any = None               # or a `shared_memory.SharedRef` to them (ranks of the notebook's machine)

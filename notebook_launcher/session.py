@@ -418,15 +418,18 @@ class Session:
                 f"objects that hold the old group must be made again: subgroups (dist.new_group), and DDP "
                 f"wrappers not bound to a name in the cell's namespace{kept}.")
 
-    def _send_task(self, task, targets: list, values_from: list) -> Optional[shared_memory.Outgoing]:
-        """Write the task to every target rank, whole: an Interrupt waits until every
-        frame is written (a rank with half a request would wait for the rest forever),
-        then lands in the supervised call, which forwards it to the ranks.
+    def _send_task(self, call: "_SessionCall") -> None:
+        """Write the call's task to every target rank, whole, in one frame: an Interrupt
+        waits until every frame is written (a rank with half a request would wait for the
+        rest forever) and the call knows the ranks have it, then lands in the supervised
+        call, which forwards it to the ranks.
 
         On this machine, big tensor and array data goes into one memory file that every
         rank maps (written once, whatever the number of ranks), and big values come back
-        through this process's inbox (`shared_memory`); returned: the file, which the
-        caller closes when the call ends. On a cluster, everything travels inline."""
+        through this process's inbox (`shared_memory`); the file is the call's
+        (``call.outgoing``), which closes it when the call ends. On a cluster, everything
+        travels inline."""
+        task, targets, values_from = call.task, call.targets, call.values_from
         by_value = getattr(task, "by_value", True)
         blob, buffers = dumps_task_parts(task, by_value)
         here = self._ranks.single_host and shared_memory.enabled()
@@ -440,15 +443,15 @@ class Session:
             sources = _new_cells(self._sent_sources)
             returning = set(values_from) & set(targets)
             send_value = True if returning == set(targets) else frozenset(returning)   # one frame for every rank
+            frame = frame_of(ch.TaskRequest(blob, send_value, sources, **extra), self._task_id)
             with interrupts_deferred():
-                self._ranks.send(list(targets), frame_of(ch.TaskRequest(blob, send_value, sources, **extra),
-                                                         self._task_id))
+                self._ranks.send(list(targets), frame)
+                call.sent, call.outgoing = True, outgoing
+                self._sent_sources.update(sources)
         except BaseException:
-            if outgoing is not None:
+            if outgoing is not None and not call.sent:
                 outgoing.close()
             raise
-        self._sent_sources.update(sources)
-        return outgoing
 
     def _view(self) -> View:
         """Output lines at once; the dashboard only once a rank reports or shows progress,
@@ -509,8 +512,7 @@ class _SessionCall:
         self.outgoing: Optional[shared_memory.Outgoing] = None
 
     def send(self) -> None:
-        self.outgoing = self.session._send_task(self.task, self.targets, self.values_from)
-        self.sent = True
+        self.session._send_task(self)   # sets `sent` and `outgoing`
 
     def interrupted(self, supervisor: Supervisor) -> None:
         if not self.sent:

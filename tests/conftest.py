@@ -72,16 +72,25 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(ONE_AT_A_TIME.get(item.path.name, item.path.name)))
 
 
-@pytest.fixture(autouse=True)
-def alone_or_beside_others(request, tmp_path_factory):
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
     """On two workers, a test marked ``alone`` (it measures the whole machine, e.g. its
     shared memory) runs while the other worker waits between tests; the rest run side by
-    side. One lock file for both workers: shared by every test, exclusive for ``alone``."""
-    if not hasattr(request.config, "workerinput"):
+    side. One lock file for both workers: shared by every test, exclusive for ``alone``;
+    held over the test's whole protocol (the module fixtures it sets up or tears down are
+    inside it, and pytest-timeout's clock, which starts inside, does not count the wait),
+    and released explicitly (ranks forked meanwhile hold copies of the open file)."""
+    if not hasattr(item.config, "workerinput"):
         yield
         return
     import fcntl
 
-    with open(tmp_path_factory.getbasetemp().parent / "alone.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
-        yield
+    if "@" not in item.nodeid:
+        raise pytest.UsageError("pytest-xdist did not group this test by its file (see tests/conftest.py): "
+                                f"{item.nodeid}. Run with -n 0, or pin a pytest-xdist that groups.")
+    with open(item.config._tmp_path_factory.getbasetemp().parent / "alone.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

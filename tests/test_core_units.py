@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import time
 
+import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -121,3 +123,22 @@ def test_a_forked_rank_imports_no_module_of_ours_that_the_parent_did_not():
     parent = set(sys.modules)
     in_rank = notebook_launcher(modules_of_ours, num_processes=2, device="cpu", display="none")
     assert [m for m in in_rank if m not in parent] == []
+
+
+def test_a_press_in_nested_held_blocks_is_delivered_when_the_outermost_ends():
+    """A teardown that holds Interrupts calls code that holds them too (a Ray send inside a
+    session's stop): the inner block's end must not cut the outer one's work in half."""
+    import signal
+
+    from notebook_launcher.interrupts import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            done.append("after the inner block")
+        done.append("after the outer block")    # never: the press lands as the outer block ends
+    assert done == ["after the inner block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

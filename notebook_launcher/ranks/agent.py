@@ -21,7 +21,8 @@ rank (torchrun's default, where rank 0 hosts it): a peer that needs it after ran
 fails as having lost its peer.
 
 The engine wraps the agent: `ray_engine.RayAgent` as an actor (``pull`` in a concurrency
-group of its own, every other method in order in another), `slurm_engine` over a socket.
+group of its own, every other method in order in another, ``send_then_pull`` too: a task's
+send that is also the first pull), `slurm_engine` over a socket.
 
 Example::
 
@@ -67,7 +68,9 @@ class NodeInfo:
 
 class NodeAgent:
     """See the module docstring. Every method may be called from any thread; `pull` runs
-    beside the others (an engine must let it: it blocks up to its timeout)."""
+    beside the others (an engine must let it: it blocks up to its timeout), and one at a
+    time: `pull` and `send_then_pull` take from one outbox, and two at once could hand
+    its batches to the notebook out of order (the engine keeps at most one out)."""
 
     def __init__(self, node_id: str = "", address: Optional[str] = None) -> None:
         self.info = NodeInfo(socket.gethostname(), address or _node_address(), os.getpid(), node_id)

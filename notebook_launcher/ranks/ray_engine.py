@@ -4,8 +4,9 @@ One placement group with one bundle per node (STRICT_SPREAD for several nodes), 
 actor per bundle (`RayAgent`, a thin actor around `agent.NodeAgent`), which starts its
 node's ranks as its own children. What ranks write travels back through Ray itself: each
 live agent is pulled while a call waits (a long-poll actor method, in a concurrency group of
-its own, so it runs beside the control methods, which stay in order in theirs); the
-notebook needs no port the cluster can reach, and Ray's ``log_to_driver`` is never involved.
+its own, so it runs beside the control methods, which stay in order in theirs; a cell's
+task is sent by a call that is its agent's first pull, `RayRanks.send`); the notebook
+needs no port the cluster can reach, and Ray's ``log_to_driver`` is never involved.
 
 Nothing outlives its call or session: `RayRanks.close` stops the ranks through their
 agents, kills the actors and removes the placement group; if the kernel dies, Ray kills
@@ -33,6 +34,7 @@ from .plan import plan_for
 from .remote import CALL_TIMEOUT, Node, NodeGone, RemoteRanks, one_line, say_failed
 
 SEND_WAIT = 0.1            # seconds a send waits for the ranks' first answer (what is called after it waits too)
+SEND_AND_PULL_BYTES = 1 << 20   # a bigger frame is sent alone: its pipe writes must not hold the node's heartbeat
 PLACEMENT_TIMEOUT = 60.0   # seconds for the placement group to be placed
 START_TIMEOUT = 300.0      # seconds for the agents to start and to spawn their ranks
 
@@ -189,15 +191,19 @@ class RayRanks(RemoteRanks):
         return ray.get(getattr(self.actors[node.index], method).remote(*args), timeout=timeout)
 
     def send(self, ranks: list, frame: bytes) -> None:
-        """Each node's ranks get the frame; a node with no pull out gets it in a call that
-        is also its pull (`NodeAgent.send_then_pull`): a trivial cell's answer then comes
-        back in one actor round trip instead of two (a send, then a pull). Such a call holds
-        the agent's later control calls (an interrupt) for at most `SEND_WAIT` seconds."""
+        """Each node's ranks get the frame; a node with no pull out gets a small frame in a
+        call that is also its pull (`NodeAgent.send_then_pull`): a trivial cell's answer
+        then comes back in one actor round trip instead of two (a send, then a pull). Such
+        a call holds the agent's later control calls (an interrupt) for the writes and at
+        most `SEND_WAIT` seconds more, and its failure ends the node, as a pull's does. A
+        big frame (a pushed value) is sent alone: its writes to the ranks' pipes may take
+        seconds, during which the node's pull must go on answering (its heartbeat)."""
         pulled = {node.index for node, _ in self._pulls.values()}
+        alone = len(frame) > SEND_AND_PULL_BYTES
         with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
             for node, mine in self._by_node(ranks):
                 actor = self.actors[node.index]
-                if node.index in pulled:
+                if alone or node.index in pulled:
                     self._posted[actor.send.remote(mine, frame)] = (node, "send")
                 else:
                     self._pulls[actor.send_then_pull.remote(mine, frame, SEND_WAIT)] = (node, time.monotonic())
@@ -207,7 +213,8 @@ class RayRanks(RemoteRanks):
         no pull out for one and wait for a first answer, then take every answer there is.
         A look without waiting (``timeout`` 0: a call's drain) asks for nothing: every ask
         costs an actor call (0.3 ms here) on the path of the answers, so asks are made only
-        when nothing waits, and an idle session has none out. Agents whose pull has no answer
+        when nothing waits (a call may end with some still out: they answer, empty, within
+        `PULL_WAIT`, and are taken by the next look). Agents whose pull has no answer
         yet are silent since it was sent; an answer still on its way from the agent's node
         (a big batch) counts as one: ``fetch_local=False``. A lost node's pulls are dropped."""
         live = {node.index for node in self.nodes if not node.lost}

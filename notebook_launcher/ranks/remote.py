@@ -1,10 +1,10 @@
 """The notebook's side of ranks run by node agents (`agent.NodeAgent`), whatever placed them.
 
 An engine (`ray_engine`, `slurm_engine`) provides the transport: how to call an agent's
-method (`_call`, and `_post_each` for calls nobody waits for: a cell's task; Ray's own
-`send` makes that call its agent's pull too), how to take the agents' batches as they
-come (`_receive`), and how to release what it took (`_release`: actors and placement
-group, a Slurm job). This class does the rest, the same for every engine:
+method (`_call`; Ray's own `send` posts a cell's task without waiting, in a call that is
+also the agent's pull), how to take the agents' batches as they come (`_receive`), and how
+to release what it took (`_release`: actors and placement group, a Slurm job). This class
+does the rest, the same for every engine:
 
 - arrivals: each agent's `agent.AgentBatch` is unpacked into the raw `Chunk`s and
   `Exit`s of the `base.RankGroup` interface (decoded there, as for local ranks);
@@ -80,14 +80,6 @@ class RemoteRanks(RankGroup):
     def _call(self, node: Node, method: str, *args, timeout: float = CALL_TIMEOUT):
         """Call ``method(*args)`` on the node's agent and return its result."""
 
-    def _post_each(self, calls: list) -> None:
-        """Make [(node, method, args)] calls, in order per node, without waiting for them:
-        an engine that can returns at once (a cell's task then costs no round trip) and
-        says a failed call later (`say_failed`); by default, they are made one after
-        another and a failure raises here."""
-        for node, method, args in calls:
-            self._call(node, method, *args)
-
     @abc.abstractmethod
     def _receive(self, timeout: float) -> list:
         """[(node, AgentBatch or the exception that ended its agent)] within ``timeout``;
@@ -122,7 +114,10 @@ class RemoteRanks(RankGroup):
 
     # ------------------------------------------------------------- control
     def send(self, ranks: list, frame: bytes) -> None:
-        self._post_each([(node, "send", (mine, frame)) for node, mine in self._by_node(ranks)])
+        """To each node's agent, for its ranks, one call after another; a failure raises
+        here (an engine that can post calls without waiting overrides this: `RayRanks.send`)."""
+        for node, mine in self._by_node(ranks):
+            self._call(node, "send", mine, frame)
 
     def interrupt(self, ranks: list) -> None:
         for node, mine in self._by_node(ranks):
