@@ -59,38 +59,34 @@ def no_leftover_processes():
 # ----------------------------------------------------------------- two workers (pytest-xdist)
 # The suite mostly waits (kernels, ranks and clusters starting; Interrupts, stalls and lost
 # nodes being noticed): run in one process, it kept this 2-CPU machine 44 % busy for 16
-# minutes. pyproject's addopts run it on two workers (`-n 2 --dist loadgroup`), two files at a
-# time: a file stays on one worker (its module fixtures start once), and the files that start
-# Ray clusters share one worker, so that two clusters never run at once (each holds ports,
-# /dev/shm for its object store, and 1 CPU per node for the agents).
-ONE_AT_A_TIME = {"test_ray_kernel.py": "ray", "test_notebooks.py": "ray"}
-
-
-@pytest.hookimpl(tryfirst=True)   # before xdist's own, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(ONE_AT_A_TIME.get(item.path.name, item.path.name)))
+# minutes. pyproject's addopts run it on two workers, a file at a time each (`-n 2 --dist
+# loadfile`: a file's module fixtures start once). Two lock files, shared by both workers,
+# keep some tests apart: a test marked ``alone`` (it measures the whole machine, e.g. its
+# shared memory) runs while the other worker waits between tests; a test of a file that
+# starts Ray clusters never runs beside another such test (each cluster's nodes, object
+# stores and agents on 2 CPUs; their timing checks, an Interrupt within 2 s, would suffer).
+RAY_FILES = {"test_ray_kernel.py", "test_notebooks.py"}
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
-    """On two workers, a test marked ``alone`` (it measures the whole machine, e.g. its
-    shared memory) runs while the other worker waits between tests; the rest run side by
-    side. One lock file for both workers: shared by every test, exclusive for ``alone``;
-    held over the test's whole protocol (the module fixtures it sets up or tears down are
-    inside it, and pytest-timeout's clock, which starts inside, does not count the wait),
-    and released explicitly (ranks forked meanwhile hold copies of the open file)."""
+    """Each test holds its locks over its whole protocol (the module fixtures it sets up or
+    tears down are inside it, and pytest-timeout's clock, which starts inside, does not
+    count the wait), always in the same order, and releases them explicitly (ranks forked
+    meanwhile hold copies of the open files)."""
     if not hasattr(item.config, "workerinput"):
         yield
         return
+    import contextlib
     import fcntl
 
-    if "@" not in item.nodeid:
-        raise pytest.UsageError("pytest-xdist did not group this test by its file (see tests/conftest.py): "
-                                f"{item.nodeid}. Run with -n 0, or pin a pytest-xdist that groups.")
-    with open(item.config._tmp_path_factory.getbasetemp().parent / "alone.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    folder = item.config._tmp_path_factory.getbasetemp().parent    # both workers' basetemps are in it
+    wanted = [("alone.lock", fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)]
+    if item.path.name in RAY_FILES:
+        wanted.append(("ray.lock", fcntl.LOCK_EX))
+    with contextlib.ExitStack() as held:
+        for name, how in wanted:
+            lock = held.enter_context(open(folder / name, "a"))
+            fcntl.flock(lock, how)
+            held.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+        yield
