@@ -14,6 +14,12 @@ by both, from the driver (this process), in shuffled rounds; medians, and ratios
 - a lost node: the second node removed while the ranks run; seconds until the call raises;
 - the floors: a Ray actor call round trip, and two actors called in parallel.
 
+Each timed call starts on an idle machine (`quiet`): a failing ``fit()`` returns while Ray
+Train still tears its workers down, and on a 2-core machine that teardown would be timed as
+part of whichever call comes next, ours or Ray Train's. The session cell's overhead is the
+median of each round's difference to the plain cell of the same round (as in
+``session_cell.py``), measured first, on the fresh cluster.
+
     python benchmarks/ray_cluster.py                 # 5 rounds after a warm-up
     python benchmarks/ray_cluster.py --rounds 3 --skip-lost
 
@@ -80,6 +86,18 @@ def ray_train(function, storage: str) -> float:
     return time.perf_counter() - started
 
 
+def quiet(limit: float = 30.0, busy: float = 25.0) -> float:
+    """Wait until the machine's CPUs are idle (under ``busy`` percent over two 0.2 s looks
+    in a row, at most ``limit`` seconds); the seconds waited."""
+    import psutil
+
+    started = time.perf_counter()
+    calm = 0
+    while calm < 2 and time.perf_counter() - started < limit:
+        calm = calm + 1 if psutil.cpu_percent(interval=0.2) < busy else 0
+    return time.perf_counter() - started
+
+
 def actor_floor(ray) -> tuple:
     @ray.remote(num_cpus=0)
     class Echo:
@@ -103,7 +121,8 @@ def actor_floor(ray) -> tuple:
 
 # ----------------------------------------------------------------- kernel cells
 def session_cells(address: str, samples: int) -> tuple:
-    """(plain cell, trivial %%dist cell on a 2-node Ray session), median seconds, from a kernel."""
+    """(a plain cell, a trivial %%dist cell on a 2-node Ray session over the plain cell of
+    the same round), median seconds, from a kernel."""
     from benchmarks.kernel_runner import KernelRunner
 
     with KernelRunner("ray-session") as kernel:
@@ -115,16 +134,19 @@ def session_cells(address: str, samples: int) -> tuple:
         """), timeout=600)
         if not setup.ok:
             raise RuntimeError(setup.error)
-        plain, dist_cell = [], []
+        plain, over = [], []
         for _ in range(samples + 5):
-            for name, code, into in random.sample([("plain", "pass", plain), ("dist", "%%dist\nx = 1", dist_cell)], 2):
+            took = {}
+            for name, code in random.sample([("plain", "pass"), ("dist", "%%dist\nx = 1")], 2):
                 started = time.perf_counter()
                 out = kernel.execute(code)
-                into.append(time.perf_counter() - started)
+                took[name] = time.perf_counter() - started
                 if not out.ok:
                     raise RuntimeError(out.error)
+            plain.append(took["plain"])
+            over.append(took["dist"] - took["plain"])
         kernel.execute("%dist stop", timeout=120)
-    return statistics.median(plain[5:]), statistics.median(dist_cell[5:])
+    return statistics.median(plain[5:]), statistics.median(over[5:])
 
 
 def lost_node_seconds(cluster) -> float:
@@ -181,17 +203,20 @@ def main() -> None:
     started_in = time.perf_counter() - t0
     try:
         floor_one, floor_two = actor_floor(ray)
+        quiet()
+        plain, cell_over = session_cells(cluster.address, args.samples)
         first_fit = ray_train(trivial, storage)
         ours(trivial)  # warm-up (imports, Ray's worker pool)
         rows = {"call": ([], []), "error": ([], [])}
+        waited = []
         for _ in range(args.rounds):
             cases = [("call", "ours", trivial), ("call", "ray", trivial), ("error", "ours", failing),
                      ("error", "ray", failing)]
             random.shuffle(cases)
             for row, who, function in cases:
+                waited.append(quiet())
                 seconds = ours(function) if who == "ours" else ray_train(function, storage)
                 rows[row][0 if who == "ours" else 1].append(seconds)
-        plain, cell = session_cells(cluster.address, args.samples)
         lost = None if args.skip_lost else lost_node_seconds(cluster)
     finally:
         ray.shutdown()
@@ -207,8 +232,9 @@ def main() -> None:
         a, b = med(rows[row][0]), med(rows[row][1])
         print(f"{label:44}{a:9.2f}s{b:11.2f}s{a / b:8.2f}x")
     print(f"{'Ray Train: first fit() of the process':44}{'':10}{first_fit:11.2f}s")
-    print(f"{'trivial session cell, over a plain cell':44}{(cell - plain) * 1e3:8.2f}ms{'(no session)':>12}"
+    print(f"{'trivial session cell, over a plain cell':44}{cell_over * 1e3:8.2f}ms{'(no session)':>12}"
           f"   plain cell {plain * 1e3:.2f} ms")
+    print(f"{'waited for an idle machine before a call':44}{med(waited):9.2f}s (median; longest {max(waited):.1f} s)")
     if lost is not None:
         print(f"{'a node removed -> the call raises':44}{lost:9.2f}s")
     print(f"{'floor: one Ray actor call round trip':44}{floor_one * 1e3:8.2f}ms")
