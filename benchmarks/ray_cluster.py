@@ -18,7 +18,9 @@ Each timed call starts on an idle machine (`quiet`): a failing ``fit()`` returns
 Train still tears its workers down, and on a 2-core machine that teardown would be timed as
 part of whichever call comes next, ours or Ray Train's. The session cell's overhead is the
 median of each round's difference to the plain cell of the same round (as in
-``session_cell.py``), measured first, on the fresh cluster.
+``session_cell.py``), measured first, on the fresh cluster, while this process (the
+kernel's client, as a notebook's front end is) is not yet a Ray driver: connected, it made
+every cell it timed about 1 ms slower, plain ones too.
 
     python benchmarks/ray_cluster.py                 # 5 rounds after a warm-up
     python benchmarks/ray_cluster.py --rounds 3 --skip-lost
@@ -199,12 +201,12 @@ def main() -> None:
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
     cluster.add_node(**NODE)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
     started_in = time.perf_counter() - t0
     try:
-        floor_one, floor_two = actor_floor(ray)
         quiet()
-        plain, cell_over = session_cells(cluster.address, args.samples)
+        plain, cell_over = session_cells(cluster.address, args.samples)   # before this process is a driver
+        ray.init(address=cluster.address, log_to_driver=False)
+        floor_one, floor_two = actor_floor(ray)
         first_fit = ray_train(trivial, storage)
         ours(trivial)  # warm-up (imports, Ray's worker pool)
         rows = {"call": ([], []), "error": ([], [])}
