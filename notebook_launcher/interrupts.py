@@ -33,4 +33,3 @@ def interrupts_deferred():
         signal.signal(signal.SIGINT, previous)
         if pressed:
             raise KeyboardInterrupt
-

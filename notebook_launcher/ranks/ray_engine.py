@@ -198,7 +198,7 @@ class RayRanks(RemoteRanks):
         most `SEND_WAIT` seconds more, and its failure ends the node, as a pull's does. A
         big frame (a pushed value) is sent alone: its writes to the ranks' pipes may take
         seconds, during which the node's pull must go on answering (its heartbeat)."""
-        pulled = {node.index for node, _ in self._pulls.values()}
+        pulled = self._pulled()
         alone = len(frame) > SEND_AND_PULL_BYTES
         with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
             for node, mine in self._by_node(ranks):
@@ -292,11 +292,15 @@ class RayRanks(RemoteRanks):
         return answers
 
     def _pull_every_live_agent(self) -> None:
-        pulled = {node.index for node, _ in self._pulls.values()}
+        pulled = self._pulled()
         for node in self.nodes:
             if not node.lost and node.index not in pulled:
                 ref = self.actors[node.index].pull.options(concurrency_group="uplink").remote(PULL_WAIT)
                 self._pulls[ref] = (node, time.monotonic())
+
+    def _pulled(self) -> set:
+        """The indices of the nodes with a pull out (at most one each: see `RayRanks.send`)."""
+        return {node.index for node, _ in self._pulls.values()}
 
     def _release(self) -> None:
         import ray
