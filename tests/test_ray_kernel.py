@@ -254,6 +254,43 @@ def test_interrupt_ends_the_cell_within_two_seconds(kernel):
     assert_nothing_left(kernel, pids_in(out))
 
 
+# An agent that cannot hand a task to its ranks (a bug of ours there): node 1's agent's
+# `NodeAgent.send` raises. Its ranks never get the task and the agent goes on answering
+# its pulls, so only the failed call itself can end the cell.
+BREAK_NODE_1S_SEND = """
+def _break_send(actor):
+    def send(ranks, frame):
+        raise RuntimeError("the send broke")
+    actor.agent.send = send
+_group = get_ipython().magics_manager.registry["DistMagics"].session._ranks
+ray.get(_group.actors[1].__ray_call__.remote(_break_send))
+"""
+
+
+@pytest.mark.parametrize("size", ["small", "big"])
+def test_an_agent_whose_send_fails_ends_its_node_and_the_cell(kernel, size):
+    """A small cell goes in a call that is also the agent's pull, a big one (over 1 MiB)
+    is sent alone: either way the node ends with the agent's words, and the session breaks."""
+    started = cell(kernel, "%dist start -n 1 --nodes 2 --cluster ray --display none")
+    assert started.status == "ok", started.traceback
+    try:
+        first = cell(kernel, "%%dist\nimport os\nprint('PID', os.getpid())")
+        cell(kernel, BREAK_NODE_1S_SEND)
+        padding = "x" * (2 << 20) if size == "big" else ""
+        sent = time.monotonic()
+        failed = cell(kernel, f"%%dist\npadding = {padding!r}\ndist.barrier()", timeout=60)
+        ended_in = time.monotonic() - sent
+        status = cell(kernel, "%dist status")
+    finally:
+        cell(kernel, "%dist stop")
+    assert failed.status == "error", failed.text
+    assert "rank 1 on node 1" in failed.evalue, failed.evalue
+    assert "lost with its node: its agent failed: RuntimeError: the send broke" in failed.evalue, failed.evalue
+    assert ended_in < 10.0, f"the cell took {ended_in:.1f} s to end"
+    assert "broken because rank 1" in status.stdout, status.text
+    assert_nothing_left(kernel, pids_in(first.stdout))
+
+
 # ----------------------------------------------------------------- big values (issue 21)
 # Ranks on other nodes get and send their tensors inline, through the node agents, never
 # through this machine's shared memory (the test cluster runs on one machine, where shared

@@ -31,7 +31,7 @@ from ..interrupts import interrupts_deferred
 from .agent import PULL_WAIT, NodeAgent
 from .base import Lines
 from .plan import plan_for
-from .remote import CALL_TIMEOUT, Node, NodeGone, RemoteRanks, one_line, say_failed
+from .remote import CALL_TIMEOUT, Node, NodeGone, RemoteRanks, one_line
 
 SEND_WAIT = 0.1            # seconds a send waits for the ranks' first answer (what is called after it waits too)
 SEND_AND_PULL_BYTES = 1 << 20   # a bigger frame is sent alone: its pipe writes must not hold the node's heartbeat
@@ -148,7 +148,7 @@ class RayRanks(RemoteRanks):
         self.actors = actors
         self.placement = placement
         self._pulls: dict = {}    # object ref -> (node, when it was sent): at most one pull out per live agent
-        self._posted: dict = {}   # object ref -> (node, method): calls not waited for, until they are done
+        self._posted: dict = {}   # object ref -> node: sends not waited for, until they are done
 
     @classmethod
     def start(cls, config, attempt: int, *, persistent: bool, first_request=None, last_words=None) -> "RayRanks":
@@ -195,16 +195,17 @@ class RayRanks(RemoteRanks):
         call that is also its pull (`NodeAgent.send_then_pull`): a trivial cell's answer
         then comes back in one actor round trip instead of two (a send, then a pull). Such
         a call holds the agent's later control calls (an interrupt) for the writes and at
-        most `SEND_WAIT` seconds more, and its failure ends the node, as a pull's does. A
-        big frame (a pushed value) is sent alone: its writes to the ranks' pipes may take
-        seconds, during which the node's pull must go on answering (its heartbeat)."""
+        most `SEND_WAIT` seconds more. A big frame (a pushed value) is sent alone: its
+        writes to the ranks' pipes may take seconds, during which the node's pull must go
+        on answering (its heartbeat). A send of either kind that fails ends its node, as a
+        failing pull does (`_check_posts`)."""
         pulled = self._pulled()
         alone = len(frame) > SEND_AND_PULL_BYTES
         with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
             for node, mine in self._by_node(ranks):
                 actor = self.actors[node.index]
                 if alone or node.index in pulled:
-                    self._posted[actor.send.remote(mine, frame)] = (node, "send")
+                    self._posted[actor.send.remote(mine, frame)] = node
                 else:
                     self._pulls[actor.send_then_pull.remote(mine, frame, SEND_WAIT)] = (node, time.monotonic())
 
@@ -228,8 +229,7 @@ class RayRanks(RemoteRanks):
             node.silent_since = None
         for node, sent in self._pulls.values():
             node.silent_since = sent
-        self._check_posts()
-        return taken
+        return taken + self._check_posts()
 
     def _answered(self, timeout: float) -> list:
         """The pulls answered within ``timeout`` (all of those answered by the first)."""
@@ -257,18 +257,22 @@ class RayRanks(RemoteRanks):
                 taken.append((node, _gone_if_it_raised(answer)))
         return taken
 
-    def _check_posts(self) -> None:
-        """Forget the posted calls that are done; say the failure of one that raised (an
-        agent that died is said by its pull)."""
+    def _check_posts(self) -> list:
+        """Forget the posted sends that are done; [(node, NodeGone)] for each that raised.
+        Its ranks never got the task, and the agent, alive, goes on answering its pulls: the
+        call would wait for them forever. So the node ends with the agent's own words, as
+        when its pull raises (an agent that died is said by its pull)."""
         import ray
 
         if not self._posted:
-            return
+            return []
         done, _ = ray.wait(list(self._posted), num_returns=len(self._posted), timeout=0)
+        failed = []
         for ref, answer in zip(done, self._answers(done)):
-            node, method = self._posted.pop(ref)
+            node = self._posted.pop(ref)
             if isinstance(answer, ray.exceptions.RayTaskError):
-                say_failed(node, method, answer)
+                failed.append((node, _gone_if_it_raised(answer)))
+        return failed
 
     def _answers(self, refs: list) -> list:
         """Each pull's batch, the exception that ended its agent (the actor died: its
@@ -336,8 +340,8 @@ def _actor_class():
 
 
 def _gone_if_it_raised(answer):
-    """A pull that raised (the agent is alive, but cannot relay: a bug of ours) ends the
-    node with the agent's own words; an agent that died stays as is."""
+    """A pull or send that raised (the agent is alive, but cannot relay: a bug of ours)
+    ends the node with the agent's own words; an agent that died stays as is."""
     import ray
 
     if isinstance(answer, ray.exceptions.RayTaskError):
