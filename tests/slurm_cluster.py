@@ -51,14 +51,29 @@ class LocalSlurm:
     def __enter__(self) -> "LocalSlurm":
         try:
             self._munge()
-            self._write_conf()
-            self.processes.append(self._daemon(["slurmctld", "-D", "-i", "-f", self.conf], "slurmctld.out"))
-            self.processes.append(self._daemon(["slurmd", "-D", "-f", self.conf], "slurmd.out"))
-            self._wait_until_idle()
+            self._slurm()
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def _slurm(self, attempts: int = 3) -> None:
+        """slurmctld and slurmd, on ports picked free here. A picked port is free only when
+        picked: another test worker may take it before the daemon binds it. A daemon that
+        could not bind its port ends at once, and both start again on fresh ports."""
+        for attempt in range(attempts):
+            self._write_conf()
+            daemons = [self._daemon(["slurmctld", "-D", "-i", "-f", self.conf], "slurmctld.out"),
+                       self._daemon(["slurmd", "-D", "-f", self.conf], "slurmd.out")]
+            self.processes += daemons
+            try:
+                self._wait_until_idle()
+                return
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                self._stop(daemons)
+                self.processes = [p for p in self.processes if p not in daemons]
 
     def _munge(self) -> None:
         key = os.path.join(self.folder, "munge.key")
@@ -141,14 +156,19 @@ class LocalSlurm:
     def __exit__(self, *exc) -> None:
         for job in self.queue() if self.processes else []:
             subprocess.run(["scancel", job], env=self.env, capture_output=True, timeout=30)
-        for proc in reversed(self.processes):
+        self._stop(self.processes)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @staticmethod
+    def _stop(processes: list) -> None:
+        """SIGTERM to each daemon's process group, the last started first; SIGKILL after 10 s."""
+        for proc in reversed(processes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for proc in reversed(self.processes):
+        for proc in reversed(processes):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
