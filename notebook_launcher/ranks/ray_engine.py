@@ -35,6 +35,8 @@ from .remote import CALL_TIMEOUT, Node, NodeGone, RemoteRanks, one_line
 
 SEND_WAIT = 0.1            # seconds a send waits for the ranks' first answer (what is called after it waits too)
 SEND_AND_PULL_BYTES = 1 << 20   # a bigger frame is sent alone: its pipe writes must not hold the node's heartbeat
+PULL_AGAIN_AFTER = 0.005  # seconds the pulls still out are waited for before the other agents are asked again:
+                          # a trivial cell's second node answers 0.1-1 ms after its first
 PLACEMENT_TIMEOUT = 60.0   # seconds for the placement group to be placed
 START_TIMEOUT = 300.0      # seconds for the agents to start and to spawn their ranks
 
@@ -210,17 +212,20 @@ class RayRanks(RemoteRanks):
                     self._pulls[actor.send_then_pull.remote(mine, frame, SEND_WAIT)] = (node, time.monotonic())
 
     def _receive(self, timeout: float) -> list:
-        """Take the batches already there; if there are none, ask every live agent that has
-        no pull out for one and wait for a first answer, then take every answer there is.
-        A look without waiting (``timeout`` 0: a call's drain) asks for nothing: every ask
-        costs an actor call (0.3 ms here) on the path of the answers, so asks are made only
-        when nothing waits (a call may end with some still out: they answer, empty, within
-        `PULL_WAIT`, and are taken by the next look). Agents whose pull has no answer
-        yet are silent since it was sent; an answer still on its way from the agent's node
-        (a big batch) counts as one: ``fetch_local=False``. A lost node's pulls are dropped."""
+        """Take the batches already there; if there are none, wait up to `PULL_AGAIN_AFTER`
+        for the pulls still out, then ask every live agent that has no pull out for one and
+        wait for a first answer, then take every answer there is. A look without waiting
+        (``timeout`` 0: a call's drain) asks for nothing: every ask costs an actor call
+        (0.15-0.3 ms here) on the path of the answers, so asks are made only when nothing
+        waits (a call may end with some still out: they answer, empty, within `PULL_WAIT`,
+        and are taken by the next look). Agents whose pull has no answer yet are silent
+        since it was sent; an answer still on its way from the agent's node (a big batch)
+        counts as one: ``fetch_local=False``. A lost node's pulls are dropped."""
         live = {node.index for node in self.nodes if not node.lost}
         self._pulls = {ref: (node, sent) for ref, (node, sent) in self._pulls.items() if node.index in live}
         taken = self._take(self._answered(0))
+        if not taken and timeout > 0 and self._pulls:
+            taken = self._take(self._answered(min(timeout, PULL_AGAIN_AFTER)))
         if not taken and timeout > 0:
             with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
                 self._pull_every_live_agent()
