@@ -51,29 +51,39 @@ class LocalSlurm:
     def __enter__(self) -> "LocalSlurm":
         try:
             self._munge()
-            self._slurm()
+            self._start_slurm()
         except BaseException:
             self.__exit__()
             raise
         return self
 
-    def _slurm(self, attempts: int = 3) -> None:
+    def _start_slurm(self, attempts: int = 3) -> None:
         """slurmctld and slurmd, on ports picked free here. A picked port is free only when
         picked: another test worker may take it before the daemon binds it. A daemon that
-        could not bind its port ends at once, and both start again on fresh ports."""
-        for attempt in range(attempts):
+        could not bind its port ends at once, and both start again on fresh ports, with
+        fresh state and logs (the failed try's logs are kept beside, as ``*.try1``)."""
+        for attempt in range(1, attempts + 1):
             self._write_conf()
-            daemons = [self._daemon(["slurmctld", "-D", "-i", "-f", self.conf], "slurmctld.out"),
-                       self._daemon(["slurmd", "-D", "-f", self.conf], "slurmd.out")]
-            self.processes += daemons
+            self.processes += [self._daemon(["slurmctld", "-D", "-i", "-f", self.conf], "slurmctld.out"),
+                               self._daemon(["slurmd", "-D", "-f", self.conf], "slurmd.out")]
             try:
                 self._wait_until_idle()
                 return
             except RuntimeError as exc:
-                if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                if "Address already in use" not in str(exc) or attempt == attempts:
                     raise
-                self._stop(daemons)
-                self.processes = [p for p in self.processes if p not in daemons]
+                self._stop(self.processes[-2:])
+                del self.processes[-2:]
+                self._set_aside(attempt)
+
+    def _set_aside(self, attempt: int) -> None:
+        """A failed try's logs and state, out of the next try's way."""
+        for name in ("slurmctld.out", "slurmd.out", "slurmctld.log", "slurmd.log"):
+            path = os.path.join(self.folder, name)
+            if os.path.exists(path):
+                os.replace(path, f"{path}.try{attempt}")
+        for sub in ("state", "spool"):
+            shutil.rmtree(os.path.join(self.folder, sub), ignore_errors=True)
 
     def _munge(self) -> None:
         key = os.path.join(self.folder, "munge.key")
@@ -112,9 +122,9 @@ class LocalSlurm:
             out.write("\n".join(lines) + "\n")
 
     def _daemon(self, argv: list, log: str) -> subprocess.Popen:
-        out = open(os.path.join(self.folder, log), "wb")
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env, start_new_session=True)
+        with open(os.path.join(self.folder, log), "wb") as out:   # the daemon keeps its own copy
+            return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.env, start_new_session=True)
 
     def _wait_until_idle(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -154,10 +164,12 @@ class LocalSlurm:
 
     # ------------------------------------------------------------- stop
     def __exit__(self, *exc) -> None:
-        for job in self.queue() if self.processes else []:
-            subprocess.run(["scancel", job], env=self.env, capture_output=True, timeout=30)
-        self._stop(self.processes)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            for job in self.queue() if self.processes else []:
+                subprocess.run(["scancel", job], env=self.env, capture_output=True, timeout=30)
+        finally:
+            self._stop(self.processes)
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     @staticmethod
     def _stop(processes: list) -> None:

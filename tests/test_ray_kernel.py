@@ -256,7 +256,9 @@ def test_interrupt_ends_the_cell_within_two_seconds(kernel):
 
 # An agent that cannot hand a task to its ranks (a bug of ours there): node 1's agent's
 # `NodeAgent.send` raises. Its ranks never get the task and the agent goes on answering
-# its pulls, so only the failed call itself can end the cell.
+# its pulls, so only the failed call itself can end the cell. Then no pull is left out
+# (the last cell's answer: each answers within PULL_WAIT, 0.5 s), so that the next small
+# cell goes in a call that is also the agent's pull.
 BREAK_NODE_1S_SEND = """
 def _break_send(actor):
     def send(ranks, frame):
@@ -264,6 +266,10 @@ def _break_send(actor):
     actor.agent.send = send
 _group = get_ipython().magics_manager.registry["DistMagics"].session._ranks
 ray.get(_group.actors[1].__ray_call__.remote(_break_send))
+time.sleep(0.7)
+_group.drain()
+print("PULLS OUT", len(_group._pulls))
+del _group, _break_send
 """
 
 
@@ -275,7 +281,7 @@ def test_an_agent_whose_send_fails_ends_its_node_and_the_cell(kernel, size):
     assert started.status == "ok", started.traceback
     try:
         first = cell(kernel, "%%dist\nimport os\nprint('PID', os.getpid())")
-        cell(kernel, BREAK_NODE_1S_SEND)
+        broken = cell(kernel, BREAK_NODE_1S_SEND)
         padding = "x" * (2 << 20) if size == "big" else ""
         sent = time.monotonic()
         failed = cell(kernel, f"%%dist\npadding = {padding!r}\ndist.barrier()", timeout=60)
@@ -283,6 +289,7 @@ def test_an_agent_whose_send_fails_ends_its_node_and_the_cell(kernel, size):
         status = cell(kernel, "%dist status")
     finally:
         cell(kernel, "%dist stop")
+    assert broken.status == "ok" and "PULLS OUT 0" in broken.stdout, broken.text
     assert failed.status == "error", failed.text
     assert "rank 1 on node 1" in failed.evalue, failed.evalue
     assert "lost with its node: its agent failed: RuntimeError: the send broke" in failed.evalue, failed.evalue

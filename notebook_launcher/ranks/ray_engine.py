@@ -200,7 +200,7 @@ class RayRanks(RemoteRanks):
         most `SEND_WAIT` seconds more. A big frame (a pushed value) is sent alone: its
         writes to the ranks' pipes may take seconds, during which the node's pull must go
         on answering (its heartbeat). A send of either kind that fails ends its node, as a
-        failing pull does (`_check_posts`)."""
+        failing pull does (`_take`, `_check_posts`)."""
         pulled = self._pulled()
         alone = len(frame) > SEND_AND_PULL_BYTES
         with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
@@ -223,8 +223,9 @@ class RayRanks(RemoteRanks):
         counts as one: ``fetch_local=False``. A lost node's pulls are dropped."""
         live = {node.index for node in self.nodes if not node.lost}
         self._pulls = {ref: (node, sent) for ref, (node, sent) in self._pulls.items() if node.index in live}
+        failed = self._check_posts()   # before any batch is taken: an Interrupt in it would lose them
         taken = self._take(self._answered(0))
-        if not taken and timeout > 0 and self._pulls:
+        if not taken and timeout > 0 and self._pulls and self._pulled() != live:
             taken = self._take(self._answered(min(timeout, PULL_AGAIN_AFTER)))
         if not taken and timeout > 0:
             with interrupts_deferred():   # a pull whose ref an Interrupt lost would take its agent's next batch
@@ -234,7 +235,7 @@ class RayRanks(RemoteRanks):
             node.silent_since = None
         for node, sent in self._pulls.values():
             node.silent_since = sent
-        return taken + self._check_posts()
+        return taken + failed
 
     def _answered(self, timeout: float) -> list:
         """The pulls answered within ``timeout`` (all of those answered by the first)."""
@@ -263,10 +264,11 @@ class RayRanks(RemoteRanks):
         return taken
 
     def _check_posts(self) -> list:
-        """Forget the posted sends that are done; [(node, NodeGone)] for each that raised.
-        Its ranks never got the task, and the agent, alive, goes on answering its pulls: the
-        call would wait for them forever. So the node ends with the agent's own words, as
-        when its pull raises (an agent that died is said by its pull)."""
+        """Forget the posted sends that are done; [(node, NodeGone)] for each that failed:
+        some of its ranks may never have got the task, and the agent, alive, goes on
+        answering its pulls, so the call could wait for them forever. The node ends with the
+        agent's own words (its send raised) or Ray's (it could not hand the agent the frame);
+        an agent that died is said by its pull."""
         import ray
 
         if not self._posted:
@@ -277,11 +279,14 @@ class RayRanks(RemoteRanks):
             node = self._posted.pop(ref)
             if isinstance(answer, ray.exceptions.RayTaskError):
                 failed.append((node, _gone_if_it_raised(answer)))
+            elif isinstance(answer, Exception) and not isinstance(answer, ray.exceptions.RayActorError):
+                failed.append((node, NodeGone(f"Ray could not hand its agent a task: {one_line(answer)}")))
         return failed
 
     def _answers(self, refs: list) -> list:
-        """Each pull's batch, the exception that ended its agent (the actor died: its
-        node, or Ray killed it), or None if it could not be fetched yet."""
+        """Each call's result (a pull's batch; a send's None), the exception it ended with
+        (the agent raised, the actor died: its node, or Ray killed it), or None if it could
+        not be fetched yet (a send is done either way)."""
         import ray
 
         if not refs:

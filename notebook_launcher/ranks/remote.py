@@ -42,8 +42,9 @@ class NodeGone(Exception):
 
     @classmethod
     def agent_failed(cls, words: str) -> "NodeGone":
-        """The agent is alive but cannot relay (its pull raised): its node ends with the
-        agent's own words, e.g. ``NodeGone.agent_failed("RuntimeError: the relay broke")``."""
+        """The agent is alive but cannot relay (its pull or a send raised): its node ends
+        with the agent's own words, e.g.
+        ``NodeGone.agent_failed("RuntimeError: the relay broke")``."""
         return cls(f"its agent failed: {words}")
 
 
@@ -82,8 +83,9 @@ class RemoteRanks(RankGroup):
 
     @abc.abstractmethod
     def _receive(self, timeout: float) -> list:
-        """[(node, AgentBatch or the exception that ended its agent)] within ``timeout``;
-        each live agent is pulled while the call waits, and each node's ``silent_since`` kept."""
+        """[(node, AgentBatch, or a `NodeGone` or the exception that ends its node)] within
+        ``timeout``; each live agent is pulled while the call waits, and each node's
+        ``silent_since`` kept."""
 
     @abc.abstractmethod
     def _release(self) -> None:
