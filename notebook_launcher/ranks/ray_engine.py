@@ -213,8 +213,9 @@ class RayRanks(RemoteRanks):
 
     def _receive(self, timeout: float) -> list:
         """Take the batches already there; if there are none, wait up to `PULL_AGAIN_AFTER`
-        for the pulls still out, then ask every live agent that has no pull out for one and
-        wait for a first answer, then take every answer there is. A look without waiting
+        for the pulls still out (when some live agent has none), then ask every live agent
+        that has no pull out for one and wait for a first answer, then take every answer
+        there is; a failed send ends its node (`_check_posts`). A look without waiting
         (``timeout`` 0: a call's drain) asks for nothing: every ask costs an actor call
         (0.15-0.3 ms here) on the path of the answers, so asks are made only when nothing
         waits (a call may end with some still out: they answer, empty, within `PULL_WAIT`,
